@@ -1,0 +1,96 @@
+"""Progress bars (rich) for long work; disabled unless the caller asks, so tests stay quiet."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from collections.abc import Iterator
+
+
+class _Bar:
+    def __init__(self, progress, task):
+        self._progress, self._task = progress, task
+
+    def advance(self, n: int = 1, **fields) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n, **fields)
+
+    def update(self, **fields) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, **fields)
+
+
+@contextlib.contextmanager
+def bar(description: str, total: int, *, enabled: bool, fields: str = "") -> Iterator[_Bar]:
+    """A rich progress bar on stderr with elapsed time and ETA.
+
+    ``fields`` is a rich format string using ``task.fields`` (e.g. ``"loss {task.fields[loss]}"``);
+    pass the initial values to ``advance``/``update``.
+    """
+    if not enabled:
+        yield _Bar(None, None)
+        return
+    if not sys.stderr.isatty():
+        # A log file, not a terminal: rich would draw nothing until the end, so print a plain
+        # line now and then that `tail -f` can follow.
+        plain = _PlainBar(description, total, fields)
+        yield plain
+        plain.line(final=True)
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    if fields:
+        columns.append(TextColumn(fields))
+    console = Console(file=sys.stderr)
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, **_field_defaults(fields))
+        yield _Bar(progress, task)
+
+
+class _PlainBar:
+    every_s = 15.0
+
+    def __init__(self, description: str, total: int, fields: str):
+        import time
+
+        self.description, self.total, self.fields = description, total, fields
+        self.done, self.values = 0, _field_defaults(fields)
+        self.t0 = self.last = time.monotonic()
+
+    def advance(self, n: int = 1, **fields) -> None:
+        self.done += n
+        self.update(**fields)
+
+    def update(self, **fields) -> None:
+        import time
+
+        self.values.update(fields)
+        if time.monotonic() - self.last >= self.every_s:
+            self.line()
+
+    def line(self, final: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        self.last = now
+        elapsed = now - self.t0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        text = re.sub(r"\{task\.fields\[(\w+)\]\}", lambda m: str(self.values.get(m[1], "-")),
+                      self.fields)
+        print(f"{self.description} {self.done}/{self.total} elapsed {elapsed:.0f}s "
+              f"eta {eta:.0f}s {text}".rstrip(), file=sys.stderr, flush=True)
+
+
+def _field_defaults(fields: str) -> dict:
+    return {name: "-" for name in re.findall(r"task\.fields\[(\w+)\]", fields)}

@@ -1,0 +1,160 @@
+"""The training loop shared by base training and fine-tuning (with optional distillation).
+
+SGD with Nesterov momentum, a cosine learning-rate schedule stepped per batch, weight decay on
+conv/linear weights only (not on BN or biases). With ``teacher`` the loss is
+``(1 - alpha) * CE + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))`` (Hinton et al.).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Batches, Dataset, Split
+from .errors import UserError
+from .progress import bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    seed: int = 0
+    augment: bool = True
+    kd_alpha: float = 0.9  # weight of the distillation term when a teacher is given
+    kd_temperature: float = 4.0
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise UserError(f"`--epochs` must be a positive integer, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise UserError(f"`--lr` must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"`--weight-decay` must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise UserError(f"`--kd-alpha` must be in [0, 1], got {self.kd_alpha}")
+        if not self.kd_temperature > 0:
+            raise UserError(f"`--kd-temperature` must be > 0, got {self.kd_temperature}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, *, batch_size: int = 250) -> float:
+    """Top-1 accuracy in [0, 1]. Batches of 250 are ~3x faster here than one big batch."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in Batches(split, batch_size):
+        correct += (model(x).argmax(1) == y).sum().item()
+    model.train(was_training)
+    return correct / max(1, len(split))
+
+
+def distillation_loss(student_logits, teacher_logits, targets, *, alpha: float, temperature: float):
+    ce = F.cross_entropy(student_logits, targets)
+    if alpha == 0.0:
+        return ce
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean") * (t * t)
+    return (1.0 - alpha) * ce + alpha * kd
+
+
+def _param_groups(model: nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_weight = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
+            (decay if is_weight else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
+          teacher: nn.Module | None = None, progress: bool = False,
+          resume_state: dict[str, Any] | None = None,
+          on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place; returns a history dict (per-epoch loss, train acc, val acc).
+
+    ``on_epoch_end(epoch, state)`` receives a resumable state (model, optimizer, epoch, history)
+    after every epoch; passing that state back as ``resume_state`` continues from there.
+    """
+    torch.manual_seed(config.seed)
+    loader = Batches(data.train, config.batch_size, shuffle=True, augment=config.augment,
+                     pad=data.pad, flip=data.flip, seed=config.seed)
+    opt = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=config.lr,
+                          momentum=config.momentum, nesterov=True)
+    total_steps = config.epochs * len(loader)
+    history: dict[str, list] = {"loss": [], "train_acc": [], "val_acc": [], "epoch_s": []}
+    start_epoch = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        start_epoch = int(resume_state["epoch"])
+        history = {k: list(v) for k, v in resume_state["history"].items()}
+        loader.epoch = start_epoch
+    if teacher is not None:
+        teacher.eval()
+
+    def lr_at(step: int) -> float:
+        return 0.5 * config.lr * (1.0 + math.cos(math.pi * step / total_steps))
+
+    with bar("train", total_steps, enabled=progress,
+             fields="epoch {task.fields[epoch]} loss {task.fields[loss]} "
+                    "acc {task.fields[acc]} val {task.fields[val]}") as pbar:
+        pbar.advance(start_epoch * len(loader))
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+            for i, (x, y) in enumerate(loader):
+                step = epoch * len(loader) + i
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
+                out = model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    loss = distillation_loss(out, t_out, y, alpha=config.kd_alpha,
+                                             temperature=config.kd_temperature)
+                else:
+                    loss = F.cross_entropy(out, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss})")
+                seen += len(y)
+                correct += (out.argmax(1) == y).sum().item()
+                loss_sum += loss.item() * len(y)
+                pbar.advance(epoch=f"{epoch + 1}/{config.epochs}",
+                             loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            val_acc = evaluate(model, data.val)
+            history["loss"].append(loss_sum / seen)
+            history["train_acc"].append(correct / seen)
+            history["val_acc"].append(val_acc)
+            history["epoch_s"].append(time.perf_counter() - t0)
+            pbar.update(val=f"{val_acc:.4f}")
+            log.info("epoch %d/%d loss %.4f train %.4f val %.4f (%.1f s)", epoch + 1,
+                     config.epochs, history["loss"][-1], history["train_acc"][-1], val_acc,
+                     history["epoch_s"][-1])
+            if on_epoch_end is not None:
+                # A copy: the live tensors keep changing once training goes on.
+                on_epoch_end(epoch + 1, copy.deepcopy({
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1, "history": history}))
+    return history
