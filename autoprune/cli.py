@@ -1,0 +1,395 @@
+"""The `autoprune` command: the only place that parses arguments and prints.
+
+Exit codes: 0 ok, 2 user error (one line, no traceback; `--debug` shows it), 1 bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+log = logging.getLogger("autoprune")
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "resnet20-fashion-mnist.pt"
+
+
+# --------------------------------------------------------------------------- model resolution
+@dataclass
+class Loaded:
+    model: object  # nn.Module, in eval mode
+    spec: object  # ModelSpec
+    data_spec: str
+    input_shape: tuple
+    metrics: dict
+    weights: Path | None
+    policy: object | None  # the Policy a pruned checkpoint was cut with
+
+    def example_input(self):
+        import torch
+
+        return torch.zeros(self.input_shape)
+
+
+def _resolve_model(args, *, need_weights: bool = False) -> Loaded:
+    """--model / --weights / --data -> a loaded model and its data spec.
+
+    An autoprune checkpoint carries its model spec, data spec and input shape (and, when pruned,
+    its policy), so ``--weights`` alone is enough; with nothing given, the shipped Fashion-MNIST
+    ResNet-20 is used.
+    """
+    import torch
+
+    from .models import ModelSpec, build_model, load_state, read_checkpoint
+    from .policy import Policy
+    from .prune import apply_policy
+
+    weights = Path(args.weights) if getattr(args, "weights", None) else None
+    if weights is None and not args.model:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise UserError(f"the shipped checkpoint {str(DEFAULT_WEIGHTS)!r} is missing; "
+                            "restore it with `git checkout -- autoprune/weights` or pass "
+                            "`--model`/`--weights`")
+        weights = DEFAULT_WEIGHTS
+    ckpt = read_checkpoint(weights) if weights is not None else None
+    data_spec = args.data or (ckpt or {}).get("data") or "fashion-mnist"
+    if ckpt is not None and ckpt.get("model") is not None:
+        spec = ModelSpec.from_dict(ckpt["model"])
+        if args.model and args.model != spec.name:
+            raise UserError(f"`--model {args.model}` differs from the model {spec.name!r} "
+                            f"stored in {str(weights)!r}; drop `--model` or pass its weights")
+        input_shape = tuple(ckpt["input_shape"])
+    else:
+        if not args.model:
+            raise UserError(f"{str(weights)!r} is a bare state dict; name its architecture "
+                            "with `--model`")
+        if need_weights and weights is None:
+            raise UserError(f"`--weights` is needed with `--model {args.model}`: this command "
+                            "works on a trained model")
+        from .data import load_dataset
+
+        data = load_dataset(data_spec)
+        spec = ModelSpec(args.model, num_classes=data.num_classes,
+                         in_channels=data.in_channels, input_size=data.input_size)
+        input_shape = data.input_shape
+    model = build_model(spec)
+    _check_input(model, input_shape, spec)
+    policy = None
+    if ckpt is not None and (ckpt.get("extra") or {}).get("policy"):
+        # A pruned checkpoint: cut the same shape (weights are overwritten just below).
+        policy = Policy.from_dict(ckpt["extra"]["policy"])
+        model = apply_policy(model, policy, example_input=torch.zeros(input_shape),
+                             importance="l1")
+    if ckpt is not None:
+        load_state(model, ckpt["state_dict"], source=str(weights))
+    model.eval()
+    return Loaded(model, spec, data_spec, input_shape, (ckpt or {}).get("metrics", {}),
+                  weights, policy)
+
+
+def _check_input(model, input_shape, spec) -> None:
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(input_shape))
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"model {spec.name!r} cannot run on input shape {list(input_shape)} "
+                        f"({type(e).__name__}: {detail}); check that `--data` matches the "
+                        "model's input") from e
+
+
+def _load_data(loaded: Loaded):
+    from .data import load_dataset
+
+    data = load_dataset(loaded.data_spec)
+    if tuple(data.input_shape[1:]) != tuple(loaded.input_shape[1:]):
+        raise UserError(f"`--data {loaded.data_spec}` gives inputs {list(data.input_shape[1:])}"
+                        f" but the model expects {list(loaded.input_shape[1:])}; pass the "
+                        "dataset it was trained on")
+    return data
+
+
+def _build_space(loaded: Loaded, args):
+    from .space import SearchSpace, SpaceSpec
+
+    spec = SpaceSpec.load(args.space) if getattr(args, "space", None) else \
+        SpaceSpec.for_family(loaded.spec.family)
+    round_to = getattr(args, "round_to", None)
+    if round_to is not None and round_to < 1:
+        raise UserError(f"`--round-to` must be >= 1, got {round_to}")
+    return SearchSpace.from_model(loaded.model, loaded.example_input(), spec,
+                                  family=loaded.spec.family, round_to=round_to)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .models import ModelSpec, build_model, save_checkpoint
+    from .train import TrainConfig, evaluate, train
+
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, seed=args.seed)
+    out = Path(args.out)
+    _check_writable(out)
+    data = load_dataset(args.data, seed=args.seed)
+    spec = ModelSpec(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                     input_size=data.input_size)
+    model = build_model(spec)
+    _check_input(model, data.input_shape, spec)
+    model.train()
+    state_path = out.with_name(out.name + ".train-state")
+    resume = None
+    run_key = {"model": spec.to_dict(), "data": args.data, "config": config.__dict__}
+    if state_path.is_file():
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        if saved.get("run_key") == run_key:
+            resume = saved["state"]
+            print(f"resuming training from epoch {resume['epoch']} ({state_path})")
+        else:
+            print(f"ignoring {state_path}: it belongs to a different training run")
+
+    def on_epoch_end(epoch, state):
+        from ._io import atomic_write
+
+        atomic_write(state_path, lambda tmp: torch.save({"run_key": run_key, "state": state},
+                                                        tmp))
+
+    history = train(model, data, config, progress=not args.quiet, resume_state=resume,
+                    on_epoch_end=on_epoch_end)
+    val_acc, test_acc = evaluate(model, data.val), evaluate(model, data.test)
+    save_checkpoint(out, model, model_spec=spec, data_spec=args.data,
+                    input_shape=data.input_shape,
+                    metrics={"val_acc": val_acc, "test_acc": test_acc},
+                    extra={"train_config": dict(config.__dict__), "history": history,
+                           "data_mean": list(data.mean), "data_std": list(data.std)})
+    state_path.unlink(missing_ok=True)
+    print(f"val accuracy  {val_acc * 100:.2f}%  ({len(data.val)} images)")
+    print(f"test accuracy {test_acc * 100:.2f}%  ({len(data.test)} images)")
+    print(f"checkpoint    {out}")
+    return 0
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False, width=max(130, Console().width))
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def cmd_space(args) -> int:
+    loaded = _resolve_model(args)
+    space = _build_space(loaded, args)
+    if args.json:
+        out = space.to_dict()
+        out["model"] = loaded.spec.to_dict()
+        print(json.dumps(out, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"search space of {loaded.spec.name} ({len(space)} groups, "
+                        f"bounds from {Path(space.spec_source).name})")
+    for col, just in (("#", "right"), ("group", "left"), ("kind", "left"),
+                      ("channels", "right"), ("keep range", "right"), ("grid", "right"),
+                      ("MACs share", "right")):
+        table.add_column(col, justify=just, no_wrap=True)
+    table.add_column("coupled layers", no_wrap=True, overflow="ellipsis", max_width=44)
+    for i, g in enumerate(space.groups):
+        convs = [m for m in dict.fromkeys(g.convs) if m != g.name]
+        coupled = (f"{len(convs)}: " if len(convs) > 2 else "") + ", ".join(convs[:2]) + \
+            (", ..." if len(convs) > 2 else "")
+        table.add_row(str(i), g.name, g.kind, str(g.channels),
+                      f"{g.min_channels}-{g.max_channels}", f"x{g.round_to} "
+                      f"({len(g.choices)})", f"{g.macs_share * 100:.1f}%", coupled or "-")
+    console = _console()
+    console.print(table)
+    console.print(f"model {loaded.spec.name}: input {list(space.input_shape)}, "
+                  f"MACs {_fmt_count(space.total_macs)}, params {_fmt_count(space.total_params)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .train import evaluate
+
+    loaded = _resolve_model(args, need_weights=True)
+    data = _load_data(loaded)
+    split = getattr(data, args.split)
+    acc = evaluate(loaded.model, split, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"model": loaded.spec.name, "data": loaded.data_spec,
+                          "split": args.split, "images": len(split), "accuracy": acc}))
+    else:
+        print(f"{loaded.spec.name} on {loaded.data_spec} {args.split} split: "
+              f"{acc * 100:.2f}% top-1 ({len(split)} images)")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .count import count_macs, count_params
+    from .export import check_onnx, export_onnx
+    from .models import save_checkpoint
+    from .policy import Policy
+    from .prune import apply_policy
+    from .train import evaluate
+
+    loaded = _resolve_model(args, need_weights=True)
+    if loaded.policy is not None:
+        raise UserError(f"{str(loaded.weights)!r} is already pruned; prune the unpruned "
+                        "checkpoint it came from")
+    space = _build_space(loaded, args)
+    policy = space.validate(Policy.load(args.policy), source=f"policy file {args.policy!r}")
+    out = Path(args.out)
+    _check_writable(out)
+    if args.onnx:
+        _check_writable(Path(args.onnx))
+    data = _load_data(loaded)
+    x = loaded.example_input()
+    batch = (data.train.x[:64], data.train.y[:64]) if args.importance == "taylor" else None
+    pruned = apply_policy(loaded.model, policy, importance=args.importance, example_input=x,
+                          batch=batch)
+    before = {"macs": count_macs(loaded.model, x), "params": count_params(loaded.model),
+              "val_acc": evaluate(loaded.model, data.val)}
+    after = {"macs": count_macs(pruned, x), "params": count_params(pruned),
+             "val_acc": evaluate(pruned, data.val)}
+    save_checkpoint(out, pruned, model_spec=loaded.spec, data_spec=loaded.data_spec,
+                    input_shape=loaded.input_shape, metrics={"val_acc": after["val_acc"]},
+                    extra={"policy": policy.to_dict(), "importance": args.importance})
+    result = {"policy": policy.to_dict(), "before": before, "after": after,
+              "checkpoint": str(out)}
+    if args.onnx:
+        export_onnx(pruned, x, args.onnx)
+        result["onnx"] = {"path": args.onnx,
+                          "max_abs_diff": check_onnx(args.onnx, pruned, data.val.x[:64])}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"MACs   {_fmt_count(before['macs'])} -> {_fmt_count(after['macs'])} "
+          f"({after['macs'] / before['macs'] * 100:.1f}%)")
+    print(f"params {_fmt_count(before['params'])} -> {_fmt_count(after['params'])} "
+          f"({after['params'] / before['params'] * 100:.1f}%)")
+    print(f"val accuracy {before['val_acc'] * 100:.2f}% -> {after['val_acc'] * 100:.2f}% "
+          "(no fine-tuning, no BN recalibration)")
+    print(f"checkpoint {out}")
+    if args.onnx:
+        print(f"onnx {args.onnx} (max abs diff vs PyTorch "
+              f"{result['onnx']['max_abs_diff']:.2e})")
+    return 0
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create folder {str(parent)!r} ({e.strerror}); choose another "
+                        "`--out`") from e
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"folder {str(parent)!r} is not writable; choose another `--out`")
+
+
+# --------------------------------------------------------------------------- parser
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="zoo name (resnet20, resnet56, plain20, mobilenetv2, vgg11) "
+                   "or path/to/file.py:factory; default: the shipped Fashion-MNIST ResNet-20")
+    p.add_argument("--weights", help="checkpoint (.pt); an autoprune checkpoint alone is enough")
+    p.add_argument("--data", help="fashion-mnist[:DIR], digits, cifar10:DIR, imagefolder:DIR")
+
+
+def _add_space_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", help="search-space YAML (default: search_spaces/<family>.yaml)")
+    p.add_argument("--round-to", type=int, help="channel multiple (overrides the YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoprune",
+        description="Prune a trained PyTorch CNN for a named target device.")
+    parser.add_argument("--version", action="version", version=f"autoprune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="PyTorch CPU threads (default: all cores)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model and write a checkpoint")
+    p.add_argument("--model", required=True, help="zoo name or path/to/file.py:factory")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint path to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("space", help="print a model's prunable channel groups")
+    _add_model_args(p)
+    _add_space_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_space)
+
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a data split")
+    _add_model_args(p)
+    p.add_argument("--split", choices=("val", "test"), default="test")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prune", help="apply a policy JSON and write the smaller model")
+    _add_model_args(p)
+    _add_space_args(p)
+    p.add_argument("--policy", required=True,
+                   help='JSON file: {"channels": {"group": channels_kept, ...}}')
+    p.add_argument("--importance", default="l1",
+                   choices=("l1", "l2", "bn-scale", "taylor", "fpgm", "random"))
+    p.add_argument("--out", required=True, help="pruned checkpoint to write")
+    p.add_argument("--onnx", help="also export the pruned model to this ONNX file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UserError(f"`--threads` must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"autoprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
