@@ -1,0 +1,55 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # Pinned threads: tests share a 2-core machine and must not fight each other.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from autoprune.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def run_cli(*args, cwd=None, check=False, timeout=600):
+    """Run the real `autoprune` command in a subprocess (1 thread), return CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "autoprune.cli", "--threads", "1", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"autoprune {' '.join(map(str, args))} failed "
+                             f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_user_error(proc, *needles):
+    """Exit 2, exactly one line on stderr naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("autoprune: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory):
+    """A ResNet-20 trained for 3 epochs on digits through the real CLI."""
+    out = tmp_path_factory.mktemp("ckpt") / "r20-digits.pt"
+    run_cli("train", "--model", "resnet20", "--data", "digits", "--epochs", "3", "--out", out,
+            "--quiet", check=True)
+    return out
