@@ -1,0 +1,229 @@
+"""TVM (Relax) backend: torch.export -> Relax -> build for the device's target -> VM, locally or
+over RPC, timed with ``time_evaluator``.
+
+Compiled modules are cached on disk, keyed by (model structure, input shapes, target, TVM
+version, tuned or not). A tuned device (``tuning:`` in devices.yaml) first MetaSchedule-tunes
+every task of the module that its database lacks, with a trial budget per task; the database
+lives in ``latency_tables/<device>/tuning/`` beside the device's tables and is applied to the
+raw module through the ``static_shape_tuning`` pipeline (0 further trials). Tasks already
+tuned are never re-tuned, so a cached module stays valid.
+
+Known here (TVM 0.27): the default MetaSchedule builder's worker import takes ~34 s, beyond its
+30 s timeout, so the builder gets a longer one; apache-tvm-ffi 0.1.15.post2 segfaults in
+``tvm.ir.save_json`` (the database writer), so 0.1.14.post1 is pinned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..._io import atomic_write
+from ...errors import UserError
+from ..devices import LATENCY_TABLES_DIR
+from ..stats import LatencyStat
+from . import Backend, cache_dir, structure_hash
+
+log = logging.getLogger(__name__)
+
+BUILDER_TIMEOUT_S = 300  # the default 30 s is shorter than the builder worker's import here
+
+
+class TvmBackend(Backend):
+    def __init__(self, device, *, tuning_dir: str | Path | None = None,
+                 trials_per_task: int | None = None, repeat: int = 30,
+                 min_repeat_ms: int = 10, rpc_timeout_s: int = 600):
+        super().__init__(device)
+        import tvm
+
+        self._tvm = tvm
+        self.target = device.tvm_target()
+        self.repeat, self.min_repeat_ms = repeat, min_repeat_ms
+        self.tuned = device.tuned
+        self.trials_per_task = trials_per_task or int(device.tuning.get("trials_per_task", 32))
+        self.tuning_dir = Path(tuning_dir) if tuning_dir else \
+            LATENCY_TABLES_DIR / device.name / "tuning"
+        self._remote = None
+        if device.remote is not None:
+            self._remote = self._connect(rpc_timeout_s)
+            self.dev = self._remote.cpu() if device.target.get("kind") != "cuda" \
+                else self._remote.cuda()
+        else:
+            self.dev = tvm.cuda(0) if device.target.get("kind") == "cuda" else tvm.cpu(0)
+            config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+            if config is not None:  # pin the runtime's worker threads to the device's count
+                config(0, device.threads)
+
+    # ------------------------------------------------------------------ RPC
+    def _connect(self, timeout_s: int):
+        from tvm import rpc
+
+        r = self.device.remote
+        try:
+            if r.tracker:
+                return rpc.connect_tracker(r.host, r.port).request(
+                    r.key, session_timeout=timeout_s)
+            return rpc.connect(r.host, r.port, key=r.key or "", session_timeout=timeout_s)
+        except Exception as e:
+            what = "tracker" if r.tracker else "server"
+            raise UserError(f"cannot reach the TVM RPC {what} of device {self.device.name!r} at "
+                            f"{r.host}:{r.port} ({e}); start it on the board (see README, "
+                            "'Remote devices') or fix `remote:` in the devices file") from e
+
+    # ------------------------------------------------------------------ compile
+    def _relax_module(self, module, inputs):
+        from tvm.relax.frontend.torch import from_exported_program
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                program = torch.export.export(module.eval(), tuple(inputs))
+            return from_exported_program(program, keep_params_as_input=False)
+
+    def _tune_missing(self, mod) -> None:
+        """MetaSchedule-tune the tasks of ``mod`` that the device's database lacks."""
+        import tvm.s_tir.meta_schedule as ms
+        from tvm import relax
+        from tvm.relax import transform
+
+        with self.target:
+            lowered = tvm_seq(self._tvm, [transform.DecomposeOpsForInference(),
+                                          transform.CanonicalizeBindings(),
+                                          relax.get_pipeline("zero")])(mod)
+        self.tuning_dir.mkdir(parents=True, exist_ok=True)
+        db = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
+        tasks = ms.relax_integration.extract_tasks(lowered, self.target)
+        missing = [t for t in tasks
+                   if db.query_tuning_record(t.dispatched[0], self.target, t.task_name) is None]
+        if not missing:
+            return
+        log.info("tuning %d task(s) x %d trials for %s", len(missing), self.trials_per_task,
+                 self.device.name)
+        contexts = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            missing, str(self.tuning_dir / "logs"))
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=[float(t.weight) for t in missing],
+            work_dir=str(self.tuning_dir / "logs"),
+            max_trials_global=self.trials_per_task * len(missing),
+            max_trials_per_task=self.trials_per_task,
+            num_trials_per_iter=min(16, self.trials_per_task), database=db,
+            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILDER_TIMEOUT_S),
+            runner=ms.runner.LocalRunner(), task_scheduler="round-robin")
+
+    def compile(self, module, inputs, *, key: str = "", weights: bool = False) -> Path:
+        """Build ``module`` for the target; return the path of the shared library (cached).
+
+        ``weights=True`` makes the weights part of the cache key (for export: the library
+        embeds them as constants); measurement only needs the structure."""
+        from tvm import relax
+
+        tvm = self._tvm
+        extra = [json.dumps(self.device.target, sort_keys=True), tvm.__version__,
+                 f"tuned:{self.tuning_dir.resolve()}" if self.tuned else "untuned",
+                 self.device.cross_compiler or ""]
+        if weights:
+            import hashlib
+
+            h = hashlib.sha256()
+            for t in module.state_dict().values():
+                h.update(t.detach().cpu().numpy().tobytes())
+            extra.append(h.hexdigest())
+        path = cache_dir() / "tvm" / f"{structure_hash(module, inputs, *extra)}.so"
+        if path.is_file():
+            return path
+        mod = self._relax_module(module, inputs)
+        if self.tuned:
+            self._tune_missing(mod)
+            with self.target:
+                mod = relax.pipeline.static_shape_tuning_pipeline(
+                    total_trials=0, target=self.target, work_dir=str(self.tuning_dir))(mod)
+        executable = relax.build(mod, target=self.target)
+        fcompile = None
+        if self.device.cross_compiler:
+            from tvm.contrib import cc
+
+            fcompile = cc.cross_compiler(self.device.cross_compiler)
+
+        def write(tmp: str) -> None:
+            # export_library picks the output format from the suffix: write .so, then rename.
+            executable.export_library(tmp + ".so", fcompile=fcompile)
+            os.replace(tmp + ".so", tmp)
+
+        atomic_write(path, write)
+        return path
+
+    def load(self, lib_path: Path):
+        """A Relax VM for a compiled library, on this machine or on the remote device."""
+        from tvm import relax
+
+        if self._remote is not None:
+            name = f"{lib_path.stem}-{int(time.time() * 1e3)}.so"
+            self._remote.upload(str(lib_path), target=name)
+            lib = self._remote.load_module(name)
+        else:
+            lib = self._tvm.runtime.load_module(str(lib_path))
+        return relax.VirtualMachine(lib, self.dev)
+
+    def run(self, vm, inputs) -> list[np.ndarray]:
+        """Outputs of one call (works over RPC, where results come back via get_outputs)."""
+        args = [self._tvm.runtime.tensor(x.numpy(), self.dev) for x in inputs]
+        vm.set_input("main", *args)
+        vm.invoke_stateful("main")
+        out = vm.get_outputs("main")
+        out = out if isinstance(out, (tuple, list)) else [out]
+        return [o.numpy() for o in out]
+
+    # ------------------------------------------------------------------ measure
+    def _measure_module(self, module, inputs, *, key):
+        vm = self.load(self.compile(module, inputs, key=key))
+        args = [self._tvm.runtime.tensor(x.numpy(), self.dev) for x in inputs]
+        timer = vm.time_evaluator("main", self.dev, number=1, repeat=self.repeat,
+                                  min_repeat_ms=self.min_repeat_ms)
+        vm.time_evaluator("main", self.dev, number=1, repeat=3)(*args)  # warm-up
+        results = timer(*args).results
+        return LatencyStat.from_samples([r * 1e3 for r in results])
+
+    def measure_model(self, model, input_shape) -> LatencyStat:
+        x = torch.randn(self.device.batch, *input_shape[1:])
+        return self._measure_module(model, (x,), key="model")
+
+    def per_op(self, model, input_shape) -> dict[str, float]:
+        """Per-kernel median ms via the VM's instrumentation hook (the VM profiler is gone in
+        TVM 0.27): wall time between the before- and after-call events of each kernel."""
+        x = torch.randn(self.device.batch, *input_shape[1:])
+        vm = self.load(self.compile(model, (x,)))
+        times: dict[str, list[float]] = {}
+        starts: dict[str, float] = {}
+
+        def instrument(func, name, before_run, ret_value, *args):
+            if before_run:
+                starts[name] = time.perf_counter()
+            else:
+                times.setdefault(name, []).append((time.perf_counter() - starts[name]) * 1e3)
+            return 0  # VMInstrumentReturnKind.NO_OP: carry on
+
+        vm.set_instrument(instrument)
+        for _ in range(10):
+            self.run(vm, (x,))
+        return {k: float(np.median(v)) for k, v in times.items()
+                if not k.startswith("vm.builtin")}
+
+    @classmethod
+    def static_versions(cls, device) -> dict[str, str]:
+        import tvm
+        import tvm_ffi
+
+        return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?"),
+                "target": json.dumps(device.target, sort_keys=True),
+                "tuned": str(device.tuned), "torch": torch.__version__}
+
+
+def tvm_seq(tvm, passes):
+    return tvm.transform.Sequential(passes)

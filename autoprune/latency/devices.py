@@ -1,0 +1,188 @@
+"""Target devices: the registry in ``latency_tables/devices.yaml`` plus a user's own file."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+LATENCY_TABLES_DIR = Path(__file__).resolve().parents[2] / "latency_tables"
+DEVICES_FILE = LATENCY_TABLES_DIR / "devices.yaml"
+RUNTIMES = ("onnxruntime", "tvm")
+_KEYS = {"description", "runtime", "provider", "target", "threads", "batch", "channel_multiple",
+         "profile_multiple", "tuning", "remote", "cross_compiler"}
+_REMOTE_KEYS = {"host", "port", "key", "tracker"}
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A TVM RPC endpoint: a server (host/port) or a tracker (host/port + key)."""
+
+    host: str
+    port: int
+    key: str | None = None
+    tracker: bool = False
+
+
+@dataclass(frozen=True)
+class TargetDevice:
+    name: str
+    runtime: str
+    threads: int = 1
+    batch: int = 1
+    channel_multiple: int = 1
+    provider: str | None = None  # onnxruntime execution provider
+    target: dict[str, Any] | None = None  # TVM target as a JSON dict
+    profile_multiple: int | None = None  # coarser table grid (tuned TVM kernels)
+    tuning: dict[str, Any] = field(default_factory=dict)
+    remote: Remote | None = None
+    cross_compiler: str | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        where = f"device {self.name!r}"
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"{where}: `runtime` must be one of {', '.join(RUNTIMES)}, got "
+                            f"{self.runtime!r}")
+        for key in ("threads", "batch", "channel_multiple"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"{where}: `{key}` must be a positive integer, got {v!r}")
+        if self.runtime == "tvm" and not isinstance(self.target, dict):
+            raise UserError(f"{where}: a tvm device needs `target` as a mapping, e.g. "
+                            "{kind: llvm, num-cores: 1}")
+        if self.runtime == "onnxruntime" and not self.provider:
+            raise UserError(f"{where}: an onnxruntime device needs `provider`, e.g. "
+                            "CPUExecutionProvider")
+
+    @property
+    def grid_multiple(self) -> int:
+        """The channel multiple the latency table is measured on."""
+        return self.profile_multiple or self.channel_multiple
+
+    @property
+    def tuned(self) -> bool:
+        return self.runtime == "tvm" and bool(self.tuning)
+
+    @property
+    def is_cuda(self) -> bool:
+        kind = (self.target or {}).get("kind")
+        return kind == "cuda" or (self.provider or "").startswith("CUDA")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, name: str, raw: Any, *, source: str) -> TargetDevice:
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: device {name!r} must be a mapping of keys")
+        unknown = sorted(set(raw) - _KEYS)
+        if unknown:
+            raise UserError(f"{source}: device {name!r} has unknown key {unknown[0]!r}; allowed "
+                            f"keys are {', '.join(sorted(_KEYS))}")
+        kw = dict(raw)
+        remote = kw.pop("remote", None)
+        if remote is not None:
+            if not isinstance(remote, dict) or not {"host", "port"} <= set(remote) or \
+                    set(remote) - _REMOTE_KEYS:
+                raise UserError(f"{source}: device {name!r}: `remote` needs host and port "
+                                "(and optionally key, tracker)")
+            kw["remote"] = Remote(str(remote["host"]), int(remote["port"]), remote.get("key"),
+                                  bool(remote.get("tracker", False)))
+        if "runtime" not in kw:
+            raise UserError(f"{source}: device {name!r} lacks `runtime` (onnxruntime or tvm)")
+        return cls(name=name, **kw)
+
+    def tvm_target(self):
+        import tvm
+
+        return tvm.target.Target(json.loads(json.dumps(self.target)))
+
+
+def load_devices(path: str | Path | None = None) -> dict[str, TargetDevice]:
+    """The built-in registry, plus (overriding by name) the devices in ``path``."""
+    devices = _read(DEVICES_FILE)
+    if path is not None:
+        devices.update(_read(Path(path)))
+    return devices
+
+
+def _read(path: Path) -> dict[str, TargetDevice]:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"devices file {str(path)!r} not found; check `--devices`")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"devices file {str(path)!r} is not valid YAML{where}; fix its "
+                        "syntax") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("devices"), dict):
+        raise UserError(f"devices file {str(path)!r} needs a top-level `devices:` mapping of "
+                        "name -> settings")
+    return {str(name): TargetDevice.from_dict(str(name), spec, source=str(path))
+            for name, spec in raw["devices"].items()}
+
+
+def get_device(name: str, devices_file: str | Path | None = None) -> TargetDevice:
+    devices = load_devices(devices_file)
+    if name not in devices:
+        raise UserError(f"unknown target device {name!r}; known: {', '.join(devices)} "
+                        "(`autoprune devices` lists them; add your own with `--devices FILE`)")
+    return devices[name]
+
+
+def runtime_versions() -> dict[str, str]:
+    out = {}
+    for mod, key in (("onnxruntime", "onnxruntime"), ("tvm", "tvm"), ("torch", "torch")):
+        try:
+            out[key] = __import__(mod).__version__
+        except Exception:  # not installed or broken: reported as such
+            out[key] = "unavailable"
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def availability(device: TargetDevice) -> tuple[bool, str]:
+    """(usable here, why not). Never opens a network connection: remote devices are reported
+    as needing their RPC server, and checked when first measured."""
+    if device.remote is not None:
+        r = device.remote
+        return False, (f"remote: needs the TVM RPC {'tracker' if r.tracker else 'server'} at "
+                       f"{r.host}:{r.port}")
+    if device.runtime == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return False, "onnxruntime is not installed (`pip install onnxruntime`)"
+        if device.provider not in ort.get_available_providers():
+            return False, (f"{device.provider} is not available in this onnxruntime build "
+                           f"(has {', '.join(ort.get_available_providers())})")
+        return True, ""
+    try:
+        import tvm
+    except ImportError:
+        return False, "TVM is not installed (`pip install apache-tvm`)"
+    kind = device.target.get("kind")
+    dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+    if kind == "cuda" and not dev.exist:
+        return False, "no CUDA GPU on this machine"
+    if kind == "llvm" and "mtriple" in device.target and \
+            not device.target["mtriple"].startswith(platform.machine()):
+        return False, f"cross target {device.target['mtriple']}: measure it over RPC"
+    return True, ""
