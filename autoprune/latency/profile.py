@@ -1,0 +1,253 @@
+"""Build a latency table by measuring, calibrate it, and validate the predictor against
+whole-model measurements.
+
+Profiling is incremental: entries already in the table (or in any compatible table of the same
+device, since models share signatures) are reused, and the table is saved atomically every few
+entries, so an interrupted run loses little and a re-run continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..policy import Policy
+from ..progress import bar
+from ..prune import apply_policy
+from ..space import SearchSpace
+from .backends import Backend
+from .devices import TargetDevice
+from .ops import LayerOp, grid_signatures, model_ops
+from .predictor import LatencyPredictor
+from .table import Calibration, LatencyTable, table_path
+
+log = logging.getLogger(__name__)
+
+SAVE_EVERY = 25
+
+
+def model_key(name: str, input_shape: tuple[int, ...]) -> str:
+    """Calibration is per model and input size: ``resnet20@1x28x28``."""
+    return f"{name}@{'x'.join(map(str, input_shape[1:]))}"
+
+
+@dataclass
+class LatencySetup:
+    """Everything needed to predict latency for one model on one device."""
+
+    device: TargetDevice
+    space: SearchSpace
+    ops: list[LayerOp]
+    table: LatencyTable
+    key: str
+
+    def predictor(self, *, calibrated: bool = True) -> LatencyPredictor:
+        return LatencyPredictor(self.table, self.space, self.ops, model_key=self.key,
+                                channel_multiple=self.device.channel_multiple,
+                                calibrated=calibrated)
+
+
+def random_policies(space: SearchSpace, n: int, *, seed: int = 0) -> list[Policy]:
+    """``n`` distinct random policies: each group's keep drawn uniformly from its grid."""
+    rng = np.random.default_rng(seed)
+    seen, out = set(), []
+    for _ in range(n * 50):
+        p = Policy.from_dict({g.name: int(rng.choice(g.choices)) for g in space.groups})
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+        if len(out) == n:
+            break
+    return out
+
+
+def _sibling_entries(table: LatencyTable, device: TargetDevice, versions: dict[str, str],
+                     folder: Path) -> int:
+    """Copy entries from compatible tables of the same device; returns how many were new."""
+    added = 0
+    for other in sorted(folder.glob("*.json")):
+        if table.path is not None and other.resolve() == table.path.resolve():
+            continue
+        try:
+            t = LatencyTable.load(other)
+        except UserError:
+            continue
+        if t.mismatch(device, versions) is None:
+            for k, v in t.entries.items():
+                if k not in table.entries:
+                    table.entries[k] = v
+                    added += 1
+    return added
+
+
+def open_table(device: TargetDevice, key: str, versions: dict[str, str], *,
+               path: Path | None = None, rebuild: bool = False, model: str = "") -> LatencyTable:
+    path = path or table_path(device.name, key)
+    if path.is_file() and not rebuild:
+        table = LatencyTable.load(path)
+        table.check(device, versions, model=model or key.split("@")[0])
+        table.path = path
+        return table
+    table = LatencyTable.new(device, versions)
+    table.path = path
+    return table
+
+
+def load_setup(model: nn.Module, space: SearchSpace, device: TargetDevice, *, key: str,
+               model_name: str, path: Path | None = None) -> LatencySetup:
+    """An existing table, checked against this machine, without measuring anything."""
+    from .backends import BACKENDS
+
+    path = path or table_path(device.name, model_name)
+    if not path.is_file():
+        raise UserError(f"no latency table {str(path)!r}; build it with `autoprune profile "
+                        f"--target-device {device.name} --model {model_name}`")
+    versions = BACKENDS[device.runtime]().static_versions(device)
+    table = open_table(device, key, versions, path=path, model=model_name)
+    ops = model_ops(model, torch.zeros(space.input_shape), space)
+    return LatencySetup(device, space, ops, table, key)
+
+
+def measure_policy(backend: Backend, model: nn.Module, policy: Policy,
+                   input_shape: tuple[int, ...]):
+    pruned = apply_policy(model, policy, example_input=torch.zeros(input_shape))
+    return backend.measure_model(pruned, input_shape)
+
+
+def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, backend: Backend, *,
+                key: str, model_name: str, path: Path | None = None, rebuild: bool = False,
+                calibrate_n: int = 8, seed: int = 0, progress: bool = False) -> LatencySetup:
+    """Measure every grid signature the table lacks, then fit the calibration."""
+    versions = backend.versions()
+    table = open_table(device, key, versions, path=path, rebuild=rebuild, model=model_name)
+    x = torch.zeros(space.input_shape)
+    ops = model_ops(model, x, space)
+    reused = _sibling_entries(table, device, versions, table.path.parent) \
+        if table.path.parent.is_dir() else 0
+    if reused:
+        log.info("reused %d entries from other tables of %s", reused, device.name)
+    sigs = grid_signatures(ops, space, device.grid_multiple)
+    missing = [s for s in sigs if s.key not in table.entries]
+    last_save = time.monotonic()
+    try:
+        with bar(f"profile {device.name}", len(missing), enabled=progress,
+                 fields="{task.fields[op]}") as pbar:
+            for i, sig in enumerate(missing):
+                pbar.update(op=sig.key)
+                table.entries[sig.key] = backend.measure_op(sig)
+                pbar.advance()
+                if (i + 1) % SAVE_EVERY == 0 or time.monotonic() - last_save > 30:
+                    table.save()
+                    last_save = time.monotonic()
+    finally:
+        table.save()  # what was measured is kept, even on Ctrl-C
+    setup = LatencySetup(device, space, ops, table, key)
+    if key not in table.calibration or missing:
+        calibrate(setup, model, backend, n=calibrate_n, seed=seed, progress=progress)
+    return setup
+
+
+def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 8,
+              seed: int = 0, progress: bool = False) -> Calibration:
+    """Fit measured = scale * sum(op ms) + offset on the full, smallest and ``n`` random
+    policies, weighting by 1/measured so the fit minimises relative error."""
+    space, table = setup.space, setup.table
+    raw = setup.predictor(calibrated=False)
+    policies = [space.full(), space.smallest(), *random_policies(space, n, seed=seed + 7919)]
+    sums, measured = [], []
+    with bar("calibrate", len(policies), enabled=progress) as pbar:
+        for p in policies:
+            sums.append(sum(raw.ops_ms(p.to_dict())))
+            measured.append(measure_policy(backend, model, p, space.input_shape).median_ms)
+            pbar.advance()
+    x, y = np.array(sums), np.array(measured)
+    scale, offset = np.polyfit(x, y, 1, w=1.0 / y)
+    fit = scale * x + offset
+    cal = Calibration(float(scale), float(offset), len(y),
+                      float(np.mean(np.abs(fit - y) / y) * 100))
+    table.calibration[setup.key] = cal
+    table.save()
+    return cal
+
+
+def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 50,
+             seed: int = 1, progress: bool = False) -> dict[str, Any]:
+    """Measure ``n`` random policies whole and compare with the predictor and with a
+    MACs-proportional proxy fitted (least squares) on the same measurements."""
+    from scipy.stats import kendalltau
+
+    from ..count import count_macs
+
+    pred = setup.predictor()
+    x = torch.zeros(setup.space.input_shape)
+    rows = []
+    with bar("validate", n, enabled=progress, fields="err {task.fields[err]}") as pbar:
+        for p in random_policies(setup.space, n, seed=seed):
+            pruned = apply_policy(model, p, example_input=x)
+            stat = backend.measure_model(pruned, setup.space.input_shape)
+            rows.append({"policy": p.to_dict(), "measured_ms": stat.median_ms,
+                         "measured_iqr_ms": stat.iqr_ms, "predicted_ms": pred.predict(p),
+                         "macs": count_macs(pruned, x)})
+            pbar.advance(err=f"{(rows[-1]['predicted_ms'] / stat.median_ms - 1) * 100:+.1f}%")
+    measured = np.array([r["measured_ms"] for r in rows])
+    predicted = np.array([r["predicted_ms"] for r in rows])
+    macs = np.array([r["macs"] for r in rows], dtype=float)
+    a, b = np.polyfit(macs, measured, 1, w=1.0 / measured)
+    proxy = a * macs + b
+    for r, v in zip(rows, proxy, strict=True):
+        r["macs_proxy_ms"] = float(v)
+
+    def scores(est):
+        rel = (est - measured) / measured
+        tau = kendalltau(est, measured).statistic
+        return {"mean_abs_pct_error": float(np.mean(np.abs(rel)) * 100),
+                "within_10pct": float(np.mean(np.abs(rel) <= 0.10) * 100),
+                "kendall_tau": float(tau)}
+
+    return {"device": setup.device.name, "model": setup.key, "n": len(rows),
+            "predictor": scores(predicted), "macs_proxy": scores(proxy),
+            "median_iqr_pct": float(np.median([r["measured_iqr_ms"] / r["measured_ms"]
+                                               for r in rows]) * 100),
+            "calibration": vars(setup.table.calibration[setup.key])
+            if setup.key in setup.table.calibration else None,
+            "rows": rows}
+
+
+def scatter_png(result: dict[str, Any], path: str | Path) -> Path:
+    """Predicted (and MACs proxy) vs measured, with the +-10% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .._io import atomic_write
+
+    rows = result["rows"]
+    m = np.array([r["measured_ms"] for r in rows])
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    lo, hi = m.min() * 0.85, m.max() * 1.15
+    xs = np.linspace(lo, hi, 10)
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.9", label="±10%")
+    ax.plot(xs, xs, color="0.5", lw=0.8)
+    ax.scatter(m, [r["macs_proxy_ms"] for r in rows], s=14, marker="x", color="tab:orange",
+               label=f"MACs proxy (τ={result['macs_proxy']['kendall_tau']:.2f})")
+    ax.scatter(m, [r["predicted_ms"] for r in rows], s=14, color="tab:blue",
+               label=f"predictor (τ={result['predictor']['kendall_tau']:.2f}, "
+                     f"{result['predictor']['within_10pct']:.0f}% within ±10%)")
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency (ms)",
+           ylabel="predicted latency (ms)",
+           title=f"{result['model']} on {result['device']} (n={result['n']})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
