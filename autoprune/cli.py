@@ -292,6 +292,188 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _device(args):
+    from .latency.devices import get_device
+
+    return get_device(args.target_device, args.devices)
+
+
+def _device_space(loaded: Loaded, args, device):
+    """The search space on the device's channel multiple (unless --round-to overrides)."""
+    if getattr(args, "round_to", None) is None:
+        args.round_to = device.channel_multiple
+    return _build_space(loaded, args)
+
+
+def _backend(device, args):
+    from .latency.backends import get_backend
+
+    options = {}
+    if getattr(args, "trials_per_task", None) and device.runtime == "tvm":
+        options["trials_per_task"] = args.trials_per_task
+    return get_backend(device, **options)
+
+
+def cmd_devices(args) -> int:
+    from .latency.devices import availability, cpu_model, load_devices, runtime_versions
+
+    devices = load_devices(args.devices)
+    rows = []
+    for d in devices.values():
+        usable, why = availability(d)
+        where = d.provider if d.runtime == "onnxruntime" else json.dumps(d.target)
+        rows.append({"name": d.name, "runtime": d.runtime, "threads": d.threads,
+                     "batch": d.batch, "channel_multiple": d.channel_multiple,
+                     "provider_or_target": where, "tuned": d.tuned, "usable": usable,
+                     "why_not": why, "description": d.description})
+    versions = runtime_versions()
+    if args.json:
+        print(json.dumps({"cpu": cpu_model(), "versions": versions, "devices": rows}, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="target devices")
+    for col in ("name", "runtime", "threads", "batch", "multiple"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("provider / target", max_width=36, overflow="fold")
+    table.add_column("usable here", min_width=24)
+    for r in rows:
+        table.add_row(r["name"], r["runtime"] + (" (tuned)" if r["tuned"] else ""),
+                      str(r["threads"]), str(r["batch"]), str(r["channel_multiple"]),
+                      r["provider_or_target"], "yes" if r["usable"] else f"no: {r['why_not']}")
+    console = _console()
+    console.print(table)
+    console.print(f"CPU {cpu_model()}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return 0
+
+
+def cmd_measure(args) -> int:
+    from .policy import Policy
+    from .prune import apply_policy
+
+    device = _device(args)
+    loaded = _resolve_model(args)
+    model = loaded.model
+    if args.policy:
+        if loaded.policy is not None:
+            raise UserError(f"{str(loaded.weights)!r} is already pruned; drop `--policy` or "
+                            "pass the unpruned checkpoint")
+        space = _device_space(loaded, args, device)
+        policy = space.validate(Policy.load(args.policy), source=f"policy file "
+                                f"{args.policy!r}")
+        model = apply_policy(model, policy, example_input=loaded.example_input())
+    with _backend(device, args) as backend:
+        stat = backend.measure_model(model, loaded.input_shape)
+        per_op = backend.per_op(model, loaded.input_shape) if args.per_op else None
+    out = {"device": device.name, "model": loaded.spec.name, "policy": args.policy,
+           "input_shape": [device.batch, *loaded.input_shape[1:]], **stat.to_dict()}
+    if per_op is not None:
+        out["per_op_ms"] = per_op
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{loaded.spec.name}{' + ' + args.policy if args.policy else ''} on {device.name}: "
+          f"median {stat.median_ms:.4f} ms, IQR {stat.iqr_ms:.4f} ms, n={stat.n}")
+    if per_op:
+        top = sorted(per_op.items(), key=lambda kv: -kv[1])[:15]
+        print(f"slowest of {len(per_op)} kernels (sum {sum(per_op.values()):.4f} ms):")
+        for name, ms in top:
+            print(f"  {ms:8.4f} ms  {name}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .latency.profile import build_table, model_key, scatter_png, validate
+    from .latency.table import table_path
+
+    if args.validate is not None and args.validate < 3:
+        raise UserError(f"`--validate` needs at least 3 policies, got {args.validate}")
+    if args.calibrate < 2:
+        raise UserError(f"`--calibrate` needs at least 2 random policies, got {args.calibrate}")
+    device = _device(args)
+    loaded = _resolve_model(args)
+    if loaded.policy is not None:
+        raise UserError(f"{str(loaded.weights)!r} is pruned; profile the unpruned model")
+    space = _device_space(loaded, args, device)
+    key = model_key(loaded.spec.name, loaded.input_shape)
+    path = Path(args.table) if args.table else table_path(device.name, loaded.spec.name)
+    with _backend(device, args) as backend:
+        setup = build_table(loaded.model, space, device, backend, key=key,
+                            model_name=loaded.spec.name, path=path, rebuild=args.rebuild,
+                            calibrate_n=args.calibrate, progress=not args.quiet)
+        cal = setup.table.calibration[key]
+        summary = {"table": str(setup.table.path), "entries": len(setup.table.entries),
+                   "device": device.name, "model": key,
+                   "calibration": {"scale": cal.scale, "offset_ms": cal.offset_ms,
+                                   "n": cal.n, "fit_mean_abs_pct": cal.fit_mean_abs_pct}}
+        pred = setup.predictor()
+        summary["predicted_ms"] = {"full": pred.max_latency(), "smallest": pred.min_latency()}
+        if args.validate:
+            result = validate(setup, loaded.model, backend, n=args.validate, seed=args.seed,
+                              progress=not args.quiet)
+            out_dir = Path(args.out or Path("runs") / "validation")
+            stem = f"{device.name}-{loaded.spec.name}".replace("/", "_").replace(":", "_")
+            from ._io import write_json
+
+            json_path = write_json(out_dir / f"{stem}.json", result)
+            png = scatter_png(result, out_dir / f"{stem}.png")
+            summary["validation"] = {k: v for k, v in result.items() if k != "rows"}
+            summary["validation"]["json"], summary["validation"]["png"] = str(json_path), \
+                str(png)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"latency table {summary['table']}: {summary['entries']} op entries")
+    print(f"calibration: measured = {cal.scale:.4f} x sum(ops) {cal.offset_ms:+.4f} ms "
+          f"(fit on {cal.n} whole-model runs, mean abs error {cal.fit_mean_abs_pct:.2f}%)")
+    print(f"predicted latency: full {summary['predicted_ms']['full']:.4f} ms, smallest policy "
+          f"{summary['predicted_ms']['smallest']:.4f} ms")
+    if args.validate:
+        from rich.table import Table
+
+        v = summary["validation"]
+        table = Table(title=f"validation: {v['n']} random policies measured whole on "
+                            f"{device.name} (median IQR {v['median_iqr_pct']:.1f}%)")
+        for col in ("estimator", "mean abs % error", "% within ±10%", "Kendall tau"):
+            table.add_column(col, justify="right" if col != "estimator" else "left")
+        for name, key_ in (("latency predictor", "predictor"), ("MACs proxy", "macs_proxy")):
+            sc = v[key_]
+            table.add_row(name, f"{sc['mean_abs_pct_error']:.2f}", f"{sc['within_10pct']:.1f}",
+                          f"{sc['kendall_tau']:.3f}")
+        _console().print(table)
+        print(f"wrote {v['json']} and {v['png']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .latency.profile import load_setup, model_key
+    from .latency.table import table_path
+    from .policy import Policy
+
+    device = _device(args)
+    loaded = _resolve_model(args)
+    if loaded.policy is not None:
+        raise UserError(f"{str(loaded.weights)!r} is pruned; predict with the unpruned model "
+                        "and `--policy`")
+    space = _device_space(loaded, args, device)
+    policy = space.validate(Policy.load(args.policy), source=f"policy file {args.policy!r}") \
+        if args.policy else space.full()
+    path = Path(args.table) if args.table else table_path(device.name, loaded.spec.name)
+    setup = load_setup(loaded.model, space, device, key=model_key(loaded.spec.name,
+                       loaded.input_shape), model_name=loaded.spec.name, path=path)
+    pred = setup.predictor()
+    out = {"device": device.name, "model": setup.key, "table": str(path),
+           "predicted_ms": pred.predict(policy), "full_ms": pred.max_latency(),
+           "smallest_ms": pred.min_latency(), "group_ms": pred.group_costs(policy)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"predicted {out['predicted_ms']:.4f} ms on {device.name} (unpruned "
+          f"{out['full_ms']:.4f} ms, smallest policy {out['smallest_ms']:.4f} ms; "
+          f"{out['predicted_ms'] / out['full_ms'] * 100:.1f}% of unpruned)")
+    return 0
+
+
 def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     try:
@@ -314,6 +496,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", help="search-space YAML (default: search_spaces/<family>.yaml)")
     p.add_argument("--round-to", type=int, help="channel multiple (overrides the YAML)")
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-device", required=True, help="a device of `autoprune devices`")
+    p.add_argument("--devices", help="YAML file of your own devices (added to the built-ins)")
+    p.add_argument("--trials-per-task", type=int,
+                   help="MetaSchedule trials per task for a tuned TVM device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +551,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="also export the pruned model to this ONNX file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("devices", help="list target devices and whether each is usable here")
+    p.add_argument("--devices", help="YAML file of your own devices (added to the built-ins)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("measure", help="measure a whole model's latency on a target device")
+    _add_device_args(p)
+    _add_model_args(p)
+    _add_space_args(p)
+    p.add_argument("--policy", help="prune with this policy JSON first")
+    p.add_argument("--per-op", action="store_true", help="also print a per-kernel breakdown")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("profile", help="build the latency table of a model on a device")
+    _add_device_args(p)
+    _add_model_args(p)
+    _add_space_args(p)
+    p.add_argument("--table", help="table path (default latency_tables/<device>/<model>.json)")
+    p.add_argument("--rebuild", action="store_true", help="discard the existing table")
+    p.add_argument("--calibrate", type=int, default=8,
+                   help="random policies measured whole to calibrate (plus full and smallest)")
+    p.add_argument("--validate", type=int, metavar="N",
+                   help="measure N random policies whole and report the predictor's error")
+    p.add_argument("--seed", type=int, default=1, help="seed of the validation policies")
+    p.add_argument("--out", help="folder for the validation JSON and PNG (runs/validation)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("predict", help="predicted latency of a policy from a latency table")
+    _add_device_args(p)
+    _add_model_args(p)
+    _add_space_args(p)
+    p.add_argument("--policy", help="policy JSON (default: the unpruned model)")
+    p.add_argument("--table", help="table path (default latency_tables/<device>/<model>.json)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -1,0 +1,342 @@
+"""Latency side: devices, measurement on onnxruntime and TVM (locally and over RPC), tables,
+the predictor, validation, and every refusal through the real CLI."""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from autoprune.errors import UserError
+from autoprune.latency.backends import get_backend
+from autoprune.latency.devices import get_device, load_devices
+from autoprune.latency.ops import OpSig, grid_signatures, model_ops
+from autoprune.latency.profile import build_table, model_key, validate
+from autoprune.latency.table import LatencyTable
+from autoprune.models import ModelSpec, build_model
+from autoprune.space import SearchSpace, SpaceSpec
+
+from .conftest import assert_user_error, run_cli
+
+TINY = """
+from torch import nn
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+def make(num_classes, in_channels):
+    return Tiny(num_classes, in_channels)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("tiny") / "tiny.py"
+    f.write_text(TINY)
+    return f
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_file):
+    spec = ModelSpec(f"{tiny_file}:make", num_classes=10, in_channels=1, input_size=8)
+    model = build_model(spec).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    spec_yaml = SpaceSpec(min_keep=0.25, round_to=8)
+    return spec, model, SearchSpace.from_model(model, x, spec_yaml)
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tiny, tmp_path_factory):
+    spec, model, space = tiny
+    device = get_device("cpu-ort")
+    path = tmp_path_factory.mktemp("tables") / "cpu-ort" / "tiny.json"
+    with get_backend(device) as backend:
+        setup = build_table(model, space, device, backend, key=model_key(spec.name, (1, 1, 8, 8)),
+                            model_name=str(spec.name), path=path, calibrate_n=4)
+    return setup, path
+
+
+def _good(stat):
+    return math.isfinite(stat.median_ms) and stat.median_ms > 0 and stat.iqr_ms >= 0 and \
+        stat.n >= 10
+
+
+def test_registry_has_the_built_in_devices():
+    devices = load_devices()
+    for name in ("cpu-ort", "cpu-ort-2t", "cpu-tvm", "cpu-tvm-untuned", "cuda-ort", "cuda-tvm",
+                 "rpi4-tvm"):
+        assert name in devices
+    assert devices["cpu-ort"].threads == 1 and devices["cpu-ort-2t"].threads == 2
+    assert devices["cpu-tvm"].tuned and not devices["cpu-tvm-untuned"].tuned
+    assert devices["rpi4-tvm"].remote is not None
+    assert all(d.channel_multiple >= 1 for d in devices.values())
+
+
+def test_devices_cli_lists_usability():
+    proc = run_cli("devices", "--json", check=True)
+    out = json.loads(proc.stdout)
+    usable = {d["name"]: d["usable"] for d in out["devices"]}
+    assert usable["cpu-ort"] and usable["cpu-tvm-untuned"]
+    assert not usable["rpi4-tvm"]  # remote: never contacted by a listing
+    assert "onnxruntime" in out["versions"] and "tvm" in out["versions"]
+
+
+@pytest.mark.parametrize("device", ["cpu-ort", pytest.param("cpu-tvm-untuned",
+                                                             marks=pytest.mark.tvm)])
+def test_measure_tiny_model(device, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path))
+    _, model, _ = tiny
+    with get_backend(get_device(device)) as backend:
+        stat = backend.measure_model(model, (1, 1, 8, 8))
+        op = backend.measure_op(OpSig("conv", 8, 16, 3, 1, 1, 8, 8, "bn+relu"))
+        per_op = backend.per_op(model, (1, 1, 8, 8))
+    assert _good(stat) and _good(op)
+    assert per_op and all(v >= 0 for v in per_op.values())
+
+
+@pytest.mark.slow
+@pytest.mark.tvm
+def test_metaschedule_tuning_beats_untuned(tmp_path, monkeypatch):
+    """A few MetaSchedule trials on one conv beat the default schedule."""
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
+    sig = OpSig("conv", 32, 32, 3, 1, 1, 14, 14, "bn+relu")
+    with get_backend(get_device("cpu-tvm-untuned")) as untuned:
+        base = untuned.measure_op(sig)
+    with get_backend(get_device("cpu-tvm"), tuning_dir=tmp_path / "db",
+                     trials_per_task=8) as tuned_backend:
+        tuned = tuned_backend.measure_op(sig)
+    assert (tmp_path / "db" / "database_tuning_record.json").stat().st_size > 0
+    assert tuned.median_ms < base.median_ms, (tuned, base)
+
+
+def test_table_covers_the_grid(tiny, tiny_table):
+    _, model, space = tiny
+    setup, path = tiny_table
+    ops = model_ops(model, torch.zeros(1, 1, 8, 8), space)
+    assert [o.name for o in ops] == ["conv1", "conv2", "fc"]
+    assert [o.post for o in ops] == ["bn+relu", "bn+relu", ""]
+    sigs = grid_signatures(ops, space, 8)
+    # conv1: 1 x {8,16}; conv2: {8,16} x {8,16,24,32}; fc: {8,16,24,32} x 10
+    assert len(sigs) == 2 + 8 + 4
+    assert set(setup.table.entries) == {s.key for s in sigs}
+    again = LatencyTable.load(path)
+    assert again.entries == setup.table.entries
+    assert again.calibration[setup.key].n == 6  # full + smallest + 4 random
+    assert again.versions["onnxruntime"]
+
+
+def test_predictor_exact_on_grid_and_monotone(tiny_table):
+    setup, _ = tiny_table
+    pred = setup.predictor()
+    for key, stat in setup.table.entries.items():
+        sig = OpSig.from_key(key)
+        assert pred.op_cost(sig) >= stat.median_ms - 1e-12
+    raw = setup.predictor(calibrated=False)
+    # exact where the measurements are already monotone, e.g. the smallest point per family
+    smallest = {}
+    for key, stat in setup.table.entries.items():
+        sig = OpSig.from_key(key)
+        if sig.family not in smallest or (sig.cin, sig.cout) < smallest[sig.family][0]:
+            smallest[sig.family] = ((sig.cin, sig.cout), sig, stat.median_ms)
+    for _, sig, ms in smallest.values():
+        assert raw.op_cost(sig) == ms
+    # non-decreasing along every group's channel multiples
+    space = setup.space
+    base = space.smallest().to_dict()
+    for g in space.groups:
+        values = [pred.predict({**base, g.name: c}) for c in g.choices if c % 8 == 0]
+        assert all(b >= a - 1e-12 for a, b in itertools.pairwise(values)), (g.name, values)
+    # off-grid widths interpolate between their neighbours
+    mid = OpSig("conv", 12, 24, 3, 2, 1, 8, 8, "bn+relu")
+    lo, hi = OpSig("conv", 8, 24, 3, 2, 1, 8, 8, "bn+relu"), \
+        OpSig("conv", 16, 24, 3, 2, 1, 8, 8, "bn+relu")
+    assert pred.op_cost(lo) <= pred.op_cost(mid) <= pred.op_cost(hi)
+    assert pred.cheapest_completion({}) == pytest.approx(pred.min_latency())
+    costs = pred.group_costs(space.full())
+    assert sum(costs.values()) == pytest.approx(pred.max_latency())
+
+
+def test_validation_end_to_end(tiny, tiny_table):
+    _, model, _ = tiny
+    setup, _ = tiny_table
+    with get_backend(setup.device) as backend:
+        result = validate(setup, model, backend, n=5)
+    assert result["n"] == 5 and len(result["rows"]) == 5
+    for est in ("predictor", "macs_proxy"):
+        assert set(result[est]) == {"mean_abs_pct_error", "within_10pct", "kendall_tau"}
+        assert 0 <= result[est]["within_10pct"] <= 100
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in result["rows"])
+
+
+def test_profile_and_predict_cli(tiny_file, tmp_path):
+    table = tmp_path / "t.json"
+    proc = run_cli("profile", "--target-device", "cpu-ort", "--model", f"{tiny_file}:make",
+                   "--data", "digits", "--table", table, "--calibrate", "3", "--validate", "4",
+                   "--out", tmp_path / "val", "--json", "--quiet", check=True)
+    out = json.loads(proc.stdout)
+    assert out["entries"] > 0 and out["validation"]["n"] == 4
+    assert (tmp_path / "val").glob("*.png")
+    pngs = list((tmp_path / "val").glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"
+    # incremental: a second run measures nothing new and keeps the entries
+    before = json.loads(table.read_text())["entries"]
+    run_cli("profile", "--target-device", "cpu-ort", "--model", f"{tiny_file}:make", "--data",
+            "digits", "--table", table, "--quiet", check=True)
+    assert json.loads(table.read_text())["entries"] == before
+    proc = run_cli("predict", "--target-device", "cpu-ort", "--model", f"{tiny_file}:make",
+                   "--data", "digits", "--table", table, "--json", check=True)
+    pred = json.loads(proc.stdout)
+    assert pred["predicted_ms"] == pytest.approx(pred["full_ms"])
+    assert pred["smallest_ms"] < pred["full_ms"]
+
+
+def test_measure_cli_with_policy(tmp_path):
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"channels": {"layer3.0.conv2": 16}}))
+    full = json.loads(run_cli("measure", "--target-device", "cpu-ort", "--model", "resnet20",
+                              "--data", "digits", "--json", check=True).stdout)
+    small = json.loads(run_cli("measure", "--target-device", "cpu-ort", "--model", "resnet20",
+                               "--data", "digits", "--policy", policy, "--json",
+                               check=True).stdout)
+    assert full["median_ms"] > 0 and small["median_ms"] > 0 and full["n"] >= 10
+
+
+# ------------------------------------------------------------------------------- refusals
+@pytest.fixture()
+def table_copy(tiny_table, tmp_path):
+    _, path = tiny_table
+    copy = tmp_path / "t.json"
+    copy.write_text(path.read_text())
+    return copy
+
+
+def _predict(tiny_file, table):
+    return run_cli("predict", "--target-device", "cpu-ort", "--model", f"{tiny_file}:make",
+                   "--data", "digits", "--table", table)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("device", "cpu-ort-2t", "measured on device 'cpu-ort-2t'"),
+    ("versions.onnxruntime", "0.0.1", "its onnxruntime is '0.0.1'"),
+    ("cpu", "Some Other CPU", "measured on CPU 'Some Other CPU'"),
+])
+def test_table_for_another_device_version_or_cpu(tiny_file, table_copy, field, value, needle):
+    d = json.loads(table_copy.read_text())
+    target = d["provenance"]
+    *parents, last = field.split(".")
+    for p in parents:
+        target = target[p]
+    target[last] = value
+    table_copy.write_text(json.dumps(d))
+    before = table_copy.read_text()
+    assert_user_error(_predict(tiny_file, table_copy), needle, "--rebuild")
+    assert table_copy.read_text() == before
+
+
+def test_corrupt_table(tiny_file, table_copy):
+    table_copy.write_text(table_copy.read_text()[:200])
+    assert_user_error(_predict(tiny_file, table_copy), "is corrupt", str(table_copy))
+
+
+def test_missing_entry(tiny_file, table_copy):
+    d = json.loads(table_copy.read_text())
+    gone = sorted(k for k in d["entries"] if k.startswith("linear"))
+    for k in gone:
+        del d["entries"][k]
+    table_copy.write_text(json.dumps(d))
+    assert_user_error(_predict(tiny_file, table_copy), "no entry for op linear|",
+                      "autoprune profile")
+
+
+def test_missing_table_unknown_device_and_bad_devices_file(tiny_file, tmp_path):
+    assert_user_error(_predict(tiny_file, tmp_path / "none.json"), "no latency table",
+                      "autoprune profile")
+    assert_user_error(run_cli("measure", "--target-device", "tpu-9000", "--model", "resnet20",
+                              "--data", "digits"), "unknown target device 'tpu-9000'")
+    bad = tmp_path / "d.yaml"
+    bad.write_text("devices:\n  mine: {runtime: onnxruntime, provider: CPUExecutionProvider, "
+                   "threds: 2}\n")
+    assert_user_error(run_cli("devices", "--devices", bad), "unknown key 'threds'")
+    assert_user_error(run_cli("measure", "--target-device", "cuda-tvm", "--model", "resnet20",
+                              "--data", "digits"), "not usable here")
+
+
+# ------------------------------------------------------------------------------- RPC
+@pytest.fixture()
+def rpc_server(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "rpc.log"
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                             "--port", str(port), "--port-end", str(port + 1)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "bind to" not in log.read_text():  # its import is slow on a busy machine
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.tvm
+def test_rpc_measurement(rpc_server, tmp_path):
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(
+        "devices:\n  loopback-tvm:\n    runtime: tvm\n    target: {kind: llvm, num-cores: 1}\n"
+        f"    threads: 1\n    remote: {{host: 127.0.0.1, port: {rpc_server}}}\n")
+    env_cache = tmp_path / "cache"
+    import os
+
+    os.environ["AUTOPRUNE_CACHE"] = str(env_cache)
+    try:
+        proc = run_cli("measure", "--target-device", "loopback-tvm", "--devices", devices,
+                       "--model", "resnet20", "--data", "digits", "--json", check=True)
+    finally:
+        del os.environ["AUTOPRUNE_CACHE"]
+    out = json.loads(proc.stdout)
+    assert out["device"] == "loopback-tvm" and out["median_ms"] > 0 and out["n"] >= 10
+
+
+def test_rpc_unreachable_is_a_user_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(
+        "devices:\n  gone-tvm:\n    runtime: tvm\n    target: {kind: llvm, num-cores: 1}\n"
+        f"    remote: {{host: 127.0.0.1, port: {port}}}\n")
+    assert_user_error(run_cli("measure", "--target-device", "gone-tvm", "--devices", devices,
+                              "--model", "resnet20", "--data", "digits"),
+                      "cannot reach the TVM RPC server")
+
+
+def test_op_signature_key_round_trip():
+    sig = OpSig("depthwise", 96, 96, 3, 2, 1, 14, 14, "bn+relu6")
+    assert OpSig.from_key(sig.key) == sig
+    with pytest.raises(UserError, match="unknown target device 'nope'"):
+        get_device("nope")
