@@ -106,12 +106,14 @@ class TvmBackend(Backend):
             return
         log.info("tuning %d task(s) x %d trials for %s", len(missing), self.trials_per_task,
                  self.device.name)
-        contexts = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            missing, str(self.tuning_dir / "logs"))
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            missing, str(self.tuning_dir / "logs"), seed=0)
+        if not contexts:  # every missing task was already scheduled by hand: nothing to tune
+            return
         ms.tune.tune_tasks(
-            tasks=contexts, task_weights=[float(t.weight) for t in missing],
+            tasks=contexts, task_weights=[float(w) for w in weights],
             work_dir=str(self.tuning_dir / "logs"),
-            max_trials_global=self.trials_per_task * len(missing),
+            max_trials_global=self.trials_per_task * len(contexts),
             max_trials_per_task=self.trials_per_task,
             num_trials_per_iter=min(16, self.trials_per_task), database=db,
             builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILDER_TIMEOUT_S),
