@@ -10,3 +10,4 @@ if [ ! -f "$WEIGHTS" ]; then
 fi
 autoprune space
 autoprune evaluate --split test
+autoprune measure --target-device cpu-ort
