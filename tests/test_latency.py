@@ -340,3 +340,25 @@ def test_op_signature_key_round_trip():
     assert OpSig.from_key(sig.key) == sig
     with pytest.raises(UserError, match="unknown target device 'nope'"):
         get_device("nope")
+
+
+def test_coarse_profile_grid_interpolates(tiny, tmp_path):
+    """A device may measure its table every 16 channels while searching every 8: widths in
+    between are interpolated, never missing."""
+    import dataclasses
+
+    spec, model, space = tiny
+    device = dataclasses.replace(get_device("cpu-ort"), profile_multiple=16)
+    with get_backend(device) as backend:
+        setup = build_table(model, space, device, backend, key=model_key(spec.name, (1, 1, 8, 8)),
+                            model_name=str(spec.name), path=tmp_path / "coarse.json",
+                            calibrate_n=2)
+    # conv2's output group (32 wide) is measured at 8 (its lower bound), 16 and 32: never 24
+    assert not any("x24|" in k for k in setup.table.entries)
+    pred = setup.predictor()
+    conv2 = [op for op in setup.ops if op.name == "conv2"][0]
+    at = {c: pred.op_cost(conv2.sig({conv2.in_group: 16, conv2.out_group: c}))
+          for c in (16, 24, 32)}
+    assert at[16] <= at[24] <= at[32]
+    assert all(math.isfinite(pred.predict(p)) for p in
+               [space.uniform(r) for r in (0.25, 0.5, 0.75, 1.0)])

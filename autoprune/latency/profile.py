@@ -136,6 +136,8 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
         log.info("reused %d entries from other tables of %s", reused, device.name)
     sigs = grid_signatures(ops, space, device.grid_multiple)
     missing = [s for s in sigs if s.key not in table.entries]
+    if missing:
+        backend.prepare_ops(missing)
     last_save = time.monotonic()
     try:
         with bar(f"profile {device.name}", len(missing), enabled=progress,

@@ -20,8 +20,9 @@ from ..stats import LatencyStat
 class Backend(abc.ABC):
     """Measures latency on one target device.
 
-    Call order: ``Backend(device)``, then any number of ``measure_model`` / ``measure_op`` /
-    ``per_op`` calls, then ``close()`` (also done by using the backend as a context manager).
+    Call order: ``Backend(device)``, then optionally ``prepare_ops(sigs)`` before measuring
+    many ops, then any number of ``measure_model`` / ``measure_op`` / ``per_op`` calls, then
+    ``close()`` (also done by using the backend as a context manager).
     """
 
     def __init__(self, device: TargetDevice):
@@ -35,6 +36,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def measure_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> LatencyStat:
         """Latency of one forward pass of the whole model (batch = the device's)."""
+
+    def prepare_ops(self, sigs: list[OpSig]) -> None:
+        """Get ready to measure many ops (a tuned TVM device tunes them all in one run)."""
+        del sigs  # most runtimes need no preparation
 
     def measure_op(self, sig: OpSig) -> LatencyStat:
         """Latency of one op (layer + fused post-ops) in isolation."""

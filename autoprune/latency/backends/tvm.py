@@ -87,21 +87,32 @@ class TvmBackend(Backend):
                 program = torch.export.export(module.eval(), tuple(inputs))
             return from_exported_program(program, keep_params_as_input=False)
 
-    def _tune_missing(self, mod) -> None:
-        """MetaSchedule-tune the tasks of ``mod`` that the device's database lacks."""
-        import tvm.s_tir.meta_schedule as ms
+    def _lower_for_tuning(self, mod):
         from tvm import relax
         from tvm.relax import transform
 
         with self.target:
-            lowered = tvm_seq(self._tvm, [transform.DecomposeOpsForInference(),
-                                          transform.CanonicalizeBindings(),
-                                          relax.get_pipeline("zero")])(mod)
+            return self._tvm.transform.Sequential([
+                transform.DecomposeOpsForInference(), transform.CanonicalizeBindings(),
+                relax.get_pipeline("zero")])(mod)
+
+    def _tune_missing(self, mods) -> None:
+        """MetaSchedule-tune, in one run, the tasks of ``mods`` that the device's database
+        lacks (one run: the builder's worker start-up is paid once)."""
+        import tvm.s_tir.meta_schedule as ms
+
         self.tuning_dir.mkdir(parents=True, exist_ok=True)
         db = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
-        tasks = ms.relax_integration.extract_tasks(lowered, self.target)
-        missing = [t for t in tasks
-                   if db.query_tuning_record(t.dispatched[0], self.target, t.task_name) is None]
+        missing, seen = [], set()
+        for mod in mods:
+            for t in ms.relax_integration.extract_tasks(self._lower_for_tuning(mod),
+                                                        self.target):
+                h = self._tvm.ir.structural_hash(t.dispatched[0])
+                if h in seen:
+                    continue
+                seen.add(h)
+                if db.query_tuning_record(t.dispatched[0], self.target, t.task_name) is None:
+                    missing.append(t)
         if not missing:
             return
         log.info("tuning %d task(s) x %d trials for %s", len(missing), self.trials_per_task,
@@ -116,8 +127,20 @@ class TvmBackend(Backend):
             max_trials_global=self.trials_per_task * len(contexts),
             max_trials_per_task=self.trials_per_task,
             num_trials_per_iter=min(16, self.trials_per_task), database=db,
-            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILDER_TIMEOUT_S),
+            builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1,
+                                            timeout_sec=BUILDER_TIMEOUT_S),
             runner=ms.runner.LocalRunner(), task_scheduler="round-robin")
+
+    def prepare_ops(self, sigs) -> None:
+        if not self.tuned:
+            return
+        from ..ops import OpModule
+
+        mods = []
+        for sig in sigs:
+            module = OpModule(sig)
+            mods.append(self._relax_module(module, module.example_inputs(self.device.batch)))
+        self._tune_missing(mods)
 
     def compile(self, module, inputs, *, key: str = "", weights: bool = False) -> Path:
         """Build ``module`` for the target; return the path of the shared library (cached).
@@ -142,7 +165,7 @@ class TvmBackend(Backend):
             return path
         mod = self._relax_module(module, inputs)
         if self.tuned:
-            self._tune_missing(mod)
+            self._tune_missing([mod])
             with self.target:
                 mod = relax.pipeline.static_shape_tuning_pipeline(
                     total_trials=0, target=self.target, work_dir=str(self.tuning_dir))(mod)
