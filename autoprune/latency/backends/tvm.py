@@ -100,6 +100,7 @@ class TvmBackend(Backend):
         """MetaSchedule-tune, in one run, the tasks of ``mods`` that the device's database
         lacks (one run: the builder's worker start-up is paid once)."""
         import tvm.s_tir.meta_schedule as ms
+        import tvm_ffi  # structural_hash lives here in TVM 0.27
 
         self.tuning_dir.mkdir(parents=True, exist_ok=True)
         db = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
@@ -107,7 +108,7 @@ class TvmBackend(Backend):
         for mod in mods:
             for t in ms.relax_integration.extract_tasks(self._lower_for_tuning(mod),
                                                         self.target):
-                h = self._tvm.ir.structural_hash(t.dispatched[0])
+                h = tvm_ffi.structural_hash(t.dispatched[0])
                 if h in seen:
                     continue
                 seen.add(h)
