@@ -1,0 +1,160 @@
+"""`Evaluator`: policy -> `Candidate` (prune a copy, recalibrate BN, val accuracy, predicted
+latency, MACs, params). Results are cached by policy, so no candidate is evaluated twice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .count import count_macs, count_params
+from .data import Batches, Dataset, Split
+from .errors import UserError
+from .policy import Policy
+from .prune import apply_policy
+from .space import SearchSpace
+from .train import evaluate as accuracy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated policy: a line of a study's ``candidates.jsonl``."""
+
+    policy: Policy
+    val_acc: float
+    latency_ms: float  # predicted on the target device
+    macs: int
+    params: int
+    feasible: bool
+    searcher: str
+    trial: int
+    eval_s: float
+
+    def __post_init__(self):
+        if not 0.0 <= self.val_acc <= 1.0:
+            raise ValueError(f"val_acc must be in [0, 1], got {self.val_acc}")
+        if not (math.isfinite(self.latency_ms) and self.latency_ms > 0):
+            raise ValueError(f"latency_ms must be positive, got {self.latency_ms}")
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["policy"] = self.policy.to_dict()
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> Candidate:
+        d = json.loads(line)
+        d["policy"] = Policy.from_dict(d["policy"])
+        return cls(**d)
+
+    def with_origin(self, searcher: str, trial: int) -> Candidate:
+        return Candidate(self.policy, self.val_acc, self.latency_ms, self.macs, self.params,
+                         self.feasible, searcher, trial, self.eval_s)
+
+
+def resolve_budget(predictor, *, fraction: float | None = None,
+                   ms: float | None = None) -> float:
+    """The budget in ms; refused up front when no policy of the space can meet it."""
+    if (fraction is None) == (ms is None):
+        raise UserError("give exactly one of `--latency-budget` (fraction of the unpruned "
+                        "latency) or `--latency-budget-ms`")
+    full = predictor.max_latency()
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise UserError(f"`--latency-budget` must be in (0, 1], got {fraction}")
+        budget = fraction * full
+    else:
+        if not ms > 0:
+            raise UserError(f"`--latency-budget-ms` must be > 0, got {ms}")
+        budget = ms
+    smallest = predictor.min_latency()
+    if budget < smallest:
+        raise UserError(
+            f"latency budget {budget:.4f} ms is below the smallest achievable "
+            f"{smallest:.4f} ms ({smallest / full:.3f} of the unpruned {full:.4f} ms) on "
+            f"{predictor.table.device}; raise the budget to at least {smallest / full:.3f} "
+            "or lower the search space's min_keep")
+    return budget
+
+
+def recalibrate_bn(model: nn.Module, split: Split, *, batches: int, batch_size: int,
+                   seed: int = 0) -> None:
+    """Adaptive BN: re-estimate BN running statistics of a pruned model on training batches
+    (a cumulative average over exactly ``batches`` batches, no gradient)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    try:
+        with torch.no_grad():
+            for i, (x, _) in enumerate(Batches(split, batch_size, shuffle=True, seed=seed)):
+                if i >= batches:
+                    break
+                model(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+
+
+class Evaluator:
+    """Scores policies of ``space``; call ``evaluate(policy, ...)``. Cached by policy."""
+
+    def __init__(self, model: nn.Module, data: Dataset, space: SearchSpace, predictor, *,
+                 budget_ms: float, val_images: int = 2000, adaptive_bn: bool = True,
+                 bn_batches: int = 10, bn_batch_size: int = 128, importance: str = "l1",
+                 seed: int = 0):
+        if val_images < 1:
+            raise UserError(f"`--val-images` must be >= 1, got {val_images}")
+        self.model = model.eval()
+        self.space, self.predictor, self.budget_ms = space, predictor, budget_ms
+        self.val = data.val.subset(min(val_images, len(data.val)))
+        self.train = data.train
+        self.adaptive_bn, self.bn_batches, self.bn_batch_size = \
+            adaptive_bn, bn_batches, bn_batch_size
+        self.importance, self.seed = importance, seed
+        self.example = torch.zeros(space.input_shape)
+        self.cache: dict[Policy, Candidate] = {}
+        self.evaluations = 0  # how many were actually computed (not served from the cache)
+
+    def feasible(self, policy: Policy) -> bool:
+        return self.predictor.predict(policy) <= self.budget_ms * (1 + 1e-9)
+
+    def evaluate(self, policy: Policy, *, searcher: str = "", trial: int = -1) -> Candidate:
+        cached = self.cache.get(policy)
+        if cached is not None:
+            return cached
+        t0 = time.perf_counter()
+        pruned = apply_policy(self.model, policy, importance=self.importance,
+                              example_input=self.example)
+        if self.adaptive_bn:
+            recalibrate_bn(pruned, self.train, batches=self.bn_batches,
+                           batch_size=self.bn_batch_size, seed=self.seed)
+        acc = accuracy(pruned, self.val)
+        latency = self.predictor.predict(policy)
+        cand = Candidate(policy, acc, latency, count_macs(pruned, self.example),
+                         count_params(pruned), latency <= self.budget_ms * (1 + 1e-9),
+                         searcher, trial, time.perf_counter() - t0)
+        self.cache[policy] = cand
+        self.evaluations += 1
+        return cand
+
+    def add_known(self, candidate: Candidate) -> None:
+        """Seed the cache from a study's log (resume: never evaluate a policy twice)."""
+        self.cache.setdefault(candidate.policy, candidate)
+
+    def describe(self) -> dict[str, Any]:
+        return {"val_images": len(self.val), "adaptive_bn": self.adaptive_bn,
+                "bn_batches": self.bn_batches, "importance": self.importance}
