@@ -1,0 +1,306 @@
+"""AMC (He et al., ECCV 2018): a DDPG agent walks the groups in order and picks each one's keep
+ratio; the budget is enforced while the episode is built (the action wall), so every finished
+episode is feasible.
+
+Deviations from the paper, each for a reason:
+- Actions choose *channels kept* on the group's grid (AMC: a continuous ratio then rounded), so
+  policies are exactly what the device's latency table measured.
+- Every transition is stored as terminal with the episode's final reward minus the moving
+  baseline. With AMC's gamma = 1 and one shared final reward the bootstrapped target only adds
+  noise from the critic; the terminal target is the quantity AMC's reward shaping aims at.
+- The budget is latency predicted on the target device (AMC: FLOPs or latency from a table),
+  and the wall uses the predictor's cheapest completion of the partial policy.
+- Policies already in the study's log are served from the cache: a resumed agent replays the
+  episodes after its last checkpoint without evaluating them again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+import shutil
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from ..policy import Policy
+from .base import BudgetWall, SearchContext, Searcher
+
+log = logging.getLogger(__name__)
+
+N_FEATURES = 10
+KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
+
+
+def _group_features(space, predictor) -> np.ndarray:
+    """Static per-group features (index, type, in/out channels, stride, kernel, latency share),
+    min-max normalised over the groups."""
+    ops = {op.name: op for op in predictor.ops}
+    costs = predictor.group_costs(space.full())
+    total = sum(costs.values())
+    rows = []
+    for i, g in enumerate(space.groups):
+        op = ops.get(g.name)
+        rows.append([i, KIND_CODE.get(g.kind, 0.0), op.cin if op else g.channels, g.channels,
+                     op.stride if op else 1, op.kernel if op else 1,
+                     costs.get(g.name, 0.0) / total])
+    a = np.asarray(rows, dtype=np.float64)
+    lo, hi = a.min(axis=0), a.max(axis=0)
+    return ((a - lo) / np.where(hi > lo, hi - lo, 1.0)).astype(np.float32)
+
+
+class PruningEnv(gym.Env):
+    """Gymnasium env: one step per group; the action (in [0, 1]) picks the group's width
+    between its bounds, clipped by the action wall. Reward only at the end of an episode:
+    val accuracy (``reward="acc"``) or ``-error * log(latency)`` (``"acc-log-latency"``)."""
+
+    def __init__(self, space, predictor, budget_ms: float, evaluate, *, reward: str = "acc"):
+        super().__init__()
+        self.space, self.predictor, self.budget_ms = space, predictor, budget_ms
+        self.evaluate, self.reward_kind = evaluate, reward
+        self.wall = BudgetWall(space, predictor, budget_ms)
+        self.static = _group_features(space, predictor)
+        costs = predictor.group_costs(space.full())
+        self.full_ms = predictor.max_latency()
+        self.shares = np.array([costs.get(g.name, 0.0) for g in space.groups]) / self.full_ms
+        self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
+        self.action_space = spaces.Box(0.0, 1.0, (1,), np.float32)
+        self.episode = 0
+        self._reset_state()
+
+    def _reset_state(self):
+        self.t, self.partial, self.prev_action = 0, {}, 0.0
+
+    def _obs(self) -> np.ndarray:
+        """Static features of the current group + latency reduced so far (fraction of the
+        unpruned latency), latency share of the groups still to come, previous action."""
+        current = self.predictor.predict({**self.space.full().to_dict(), **self.partial})
+        reduced = (self.full_ms - current) / self.full_ms
+        rest = float(self.shares[self.t + 1:].sum())
+        return np.clip(np.concatenate([self.static[self.t], [reduced, rest, self.prev_action]]),
+                       0.0, 1.0).astype(np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._reset_state()
+        return self._obs(), {}
+
+    def step(self, action):
+        a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
+        g = self.space.groups[self.t]
+        wanted = g.min_channels + a * (g.max_channels - g.min_channels)
+        keep = min(g.choices, key=lambda c: (abs(c - wanted), -c))
+        self.partial[g.name] = self.wall.clip(self.partial, g.name, keep)
+        self.prev_action = a
+        self.t += 1
+        done = self.t == len(self.space)
+        reward, info = 0.0, {}
+        if done:
+            policy = Policy.from_dict(self.partial)
+            cand = self.evaluate(policy, self.episode)
+            self.episode += 1
+            if self.reward_kind == "acc":
+                reward = cand.val_acc
+            else:
+                reward = -(1.0 - cand.val_acc) * math.log(cand.latency_ms)
+            info = {"candidate": cand}
+        obs = np.zeros(N_FEATURES, np.float32) if done else self._obs()
+        return obs, float(reward), done, False, info
+
+
+def make_agent_class():
+    """The DDPG subclass, built on first use so stable-baselines3 is imported lazily."""
+    import torch
+    from scipy.stats import truncnorm
+    from stable_baselines3 import DDPG
+
+    class AMCDDPG(DDPG):
+        """DDPG with AMC's exploration, reward handling and learning rates."""
+
+        def __init__(self, *args, critic_lr: float = 1e-3, sigma: float = 0.5,
+                     sigma_decay: float = 0.95, warmup_episodes: int = 10,
+                     episode_len: int = 1, baseline_alpha: float = 0.5, **kwargs):
+            self.critic_lr = critic_lr
+            super().__init__(*args, **kwargs)
+            # sigma is given in the [0, 1] action range; SB3 acts in the scaled [-1, 1] range
+            self.sigma_scaled = 2.0 * sigma
+            self.sigma_decay, self.warmup_episodes = sigma_decay, warmup_episodes
+            self.episode_len, self.baseline_alpha = episode_len, baseline_alpha
+            self.baseline: float | None = None
+            self.rng = np.random.default_rng(kwargs.get("seed") or 0)
+            self._init_hooks()
+            self.episodes_done = 0
+
+        def _init_hooks(self) -> None:
+            self._episode: list[tuple] = []
+            self.on_episode = lambda info: None  # progress: called with the episode's info
+            self.on_checkpoint = lambda: None  # called where a checkpoint is consistent
+
+        def _setup_model(self) -> None:
+            super()._setup_model()
+            # AMC: actor lr 1e-4, critic lr 1e-3 (SB3 uses one rate for both).
+            for group in self.critic.optimizer.param_groups:
+                group["lr"] = self.critic_lr
+
+        def _update_learning_rate(self, optimizers) -> None:
+            optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+            actor_lr = self.lr_schedule(self._current_progress_remaining)
+            self.logger.record("train/learning_rate", actor_lr)
+            for opt in optimizers:
+                lr = self.critic_lr if opt is self.critic.optimizer else actor_lr
+                for group in opt.param_groups:
+                    group["lr"] = lr
+
+        def _sample_action(self, learning_starts, action_noise=None, n_envs: int = 1):
+            if self.episodes_done < self.warmup_episodes:
+                scaled = self.rng.uniform(-1.0, 1.0, size=(n_envs, 1))  # random warm-up
+            else:
+                with torch.no_grad():
+                    mean, _ = self.predict(self._last_obs, deterministic=True)
+                mu = self.policy.scale_action(mean)
+                s = self.sigma_scaled
+                # truncated normal around the actor's action, inside [-1, 1]
+                a, b = (-1.0 - mu) / s, (1.0 - mu) / s
+                scaled = truncnorm.rvs(a, b, loc=mu, scale=s,
+                                       random_state=self.rng).reshape(n_envs, 1)
+            scaled = np.clip(scaled, -1.0, 1.0).astype(np.float32)
+            return self.policy.unscale_action(scaled), scaled
+
+        def _store_transition(self, replay_buffer, buffer_action, new_obs, reward, dones,
+                              infos) -> None:
+            self._episode.append((np.array(self._last_obs, copy=True),
+                                  np.array(buffer_action, copy=True)))
+            self._last_obs = new_obs
+            if not dones[0]:
+                return
+            final = float(reward[0])
+            self.baseline = final if self.baseline is None else \
+                self.baseline + self.baseline_alpha * (final - self.baseline)
+            advantage = np.array([final - self.baseline], dtype=np.float32)
+            terminal = infos[0].get("terminal_observation")
+            for i, (obs, act) in enumerate(self._episode):
+                nxt = self._episode[i + 1][0] if i + 1 < len(self._episode) else \
+                    np.asarray(terminal if terminal is not None else obs)[None]
+                replay_buffer.add(obs, nxt, act, advantage, np.array([True]), [{}])
+            self._episode = []
+            self.episodes_done += 1
+            if self.episodes_done > self.warmup_episodes:
+                self.sigma_scaled *= self.sigma_decay
+            self.on_episode(infos[0])
+            if self.num_timesteps <= self.learning_starts:
+                self.on_checkpoint()  # no training follows this rollout: consistent now
+
+        def train(self, gradient_steps: int, batch_size: int = 100) -> None:
+            super().train(gradient_steps, batch_size)
+            self.on_checkpoint()  # after the update that follows every episode
+
+        def _excluded_save_params(self) -> list[str]:
+            # hooks are closures over the running study; RNG and counters go in state.json
+            return [*super()._excluded_save_params(), "on_episode", "on_checkpoint", "rng",
+                    "_episode"]
+
+        def amc_state(self) -> dict:
+            return {"sigma_scaled": self.sigma_scaled, "baseline": self.baseline,
+                    "episodes_done": self.episodes_done,
+                    "rng": self.rng.bit_generator.state,
+                    "np_global": np.random.get_state(),
+                    "torch": torch.get_rng_state().numpy().tolist()}
+
+        def set_amc_state(self, state: dict) -> None:
+            self._init_hooks()
+            self.rng = np.random.default_rng()
+            self.sigma_scaled, self.baseline = state["sigma_scaled"], state["baseline"]
+            self.episodes_done = state["episodes_done"]
+            self.rng.bit_generator.state = state["rng"]
+            np.random.set_state(state["np_global"])
+            torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+    return AMCDDPG
+
+
+class AMCSearcher(Searcher):
+    """``--trials N`` = N episodes in total. Checkpoints (agent, replay buffer, RNG states)
+    every ``checkpoint_every`` episodes under the study's ``amc/`` folder."""
+
+    name = "amc"
+
+    def __init__(self, space, predictor, budget_ms, *, seed: int = 0, reward: str = "acc",
+                 warmup_episodes: int = 10, checkpoint_every: int = 5):
+        super().__init__(space, predictor, budget_ms, seed=seed)
+        self.reward, self.warmup_episodes = reward, warmup_episodes
+        self.checkpoint_every = checkpoint_every
+
+    def options(self) -> dict:
+        return {"reward": self.reward, "warmup_episodes": self.warmup_episodes}
+
+    def make_env(self, evaluate):
+        return PruningEnv(self.space, self.predictor, self.budget_ms, evaluate,
+                          reward=self.reward)
+
+    def run(self, ctx: SearchContext) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # SB3 on several threads crawls on small nets
+        T = len(self.space)
+        env = self.make_env(lambda p, ep: ctx.evaluate(p, ep))
+        cls = make_agent_class()
+        folder = Path(ctx.state_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        latest = folder / "latest.json"
+        if latest.is_file():
+            ckpt = folder / json.loads(latest.read_text())["dir"]
+            agent = cls.load(ckpt / "agent.zip", env=env, device="cpu")
+            agent.load_replay_buffer(ckpt / "replay.pkl")
+            state = json.loads((ckpt / "state.json").read_text())
+            state["np_global"] = pickle.loads(bytes.fromhex(state["np_global"]))
+            agent.set_amc_state(state)
+            env.episode = agent.episodes_done
+            log.info("amc: resumed from episode %d", agent.episodes_done)
+        else:
+            agent = cls("MlpPolicy", env, learning_rate=1e-4, critic_lr=1e-3, buffer_size=100_000,
+                        learning_starts=self.warmup_episodes * T, batch_size=64, tau=0.01,
+                        gamma=1.0, train_freq=(1, "episode"), gradient_steps=-1,
+                        policy_kwargs={"net_arch": {"pi": [300, 300], "qf": [300, 300]}},
+                        sigma=0.5, sigma_decay=0.95, warmup_episodes=self.warmup_episodes,
+                        episode_len=T, seed=self.seed, device="cpu", verbose=0)
+        remaining = ctx.n_trials - agent.episodes_done
+        if remaining <= 0:
+            return
+
+        def on_episode(info):
+            if "candidate" in info:
+                ctx.on_candidate(info["candidate"])
+
+        def on_checkpoint():
+            if agent.episodes_done % self.checkpoint_every == 0 or \
+                    agent.episodes_done >= ctx.n_trials:
+                self._save(agent, folder)
+
+        agent.on_episode, agent.on_checkpoint = on_episode, on_checkpoint
+        agent.learn(total_timesteps=remaining * T, reset_num_timesteps=False)
+
+    @staticmethod
+    def _save(agent, folder: Path) -> None:
+        """Agent, replay buffer and RNG states go to a fresh folder; then ``latest.json`` is
+        switched to it in one atomic write, so a kill at any point leaves one consistent
+        checkpoint. Older checkpoint folders are removed afterwards."""
+        from .._io import write_json
+
+        name = f"ckpt-{agent.episodes_done:06d}"
+        ckpt = folder / name
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        ckpt.mkdir()
+        agent.save(ckpt / "agent.zip")
+        agent.save_replay_buffer(ckpt / "replay.pkl")
+        state = agent.amc_state()
+        state["np_global"] = pickle.dumps(state["np_global"]).hex()
+        write_json(ckpt / "state.json", state)
+        write_json(folder / "latest.json", {"dir": name})
+        for old in folder.glob("ckpt-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""The `Searcher` interface and AMC's action wall, shared by every searcher."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..evaluate import Candidate
+from ..policy import Policy
+from ..space import SearchSpace
+
+
+@dataclass
+class SearchContext:
+    """What a study hands a searcher.
+
+    ``evaluate(policy, trial)`` returns the candidate (from the study's cache when the policy
+    was evaluated before, e.g. before a crash) and logs new ones durably; ``n_trials`` is the
+    total for the study, ``done_trials`` the trial numbers already logged for this searcher.
+    """
+
+    evaluate: Callable[[Policy, int], Candidate]
+    n_trials: int
+    seed: int
+    state_dir: Path
+    storage_url: str | None = None
+    study_name: str = "autoprune"
+    done_trials: set[int] = field(default_factory=set)
+    recover_stale: bool = False  # the study's previous process died: its RUNNING trials are ours
+    on_candidate: Callable[[Candidate], None] = lambda c: None
+
+
+class BudgetWall:
+    """AMC's action wall: a policy is built group by group, and each group may keep at most
+    the channels that still let the remaining groups, at their minimum, meet the budget.
+    Costs are non-decreasing in channels, so every policy built this way is feasible."""
+
+    def __init__(self, space: SearchSpace, predictor, budget_ms: float):
+        self.space, self.predictor, self.budget_ms = space, predictor, budget_ms
+        self._smallest = space.smallest().to_dict()
+        self._tol = budget_ms * 1e-9
+
+    def fits(self, partial: dict[str, int]) -> bool:
+        return self.predictor.predict({**self._smallest, **partial}) <= self.budget_ms + \
+            self._tol
+
+    def max_keep(self, partial: dict[str, int], group: str) -> int:
+        """The widest grid point of ``group`` that keeps ``partial`` completable."""
+        choices = self.space.group(group).choices
+        lo, hi = 0, len(choices) - 1
+        if self.fits({**partial, group: choices[hi]}):
+            return choices[hi]
+        while lo < hi:  # cost is monotone in the choice: bisect for the last feasible one
+            mid = (lo + hi + 1) // 2
+            if self.fits({**partial, group: choices[mid]}):
+                lo = mid
+            else:
+                hi = mid - 1
+        return choices[lo]
+
+    def clip(self, partial: dict[str, int], group: str, wanted: int) -> int:
+        return min(wanted, self.max_keep(partial, group))
+
+    def repair(self, proposed: dict[str, int]) -> Policy:
+        """Walk the groups in order, clipping each proposal to the wall."""
+        out: dict[str, int] = {}
+        for g in self.space.groups:
+            out[g.name] = self.clip(out, g.name, proposed.get(g.name, g.channels))
+        return Policy.from_dict(out)
+
+
+class Searcher(abc.ABC):
+    """A search strategy over a `SearchSpace` under a latency budget.
+
+    Call order: ``Searcher(space, predictor, budget_ms, seed=..., **options)``, then
+    ``run(ctx)`` once per process. ``run`` must be resumable: called on a study that already
+    holds some of its trials (``ctx.done_trials``), it continues up to ``ctx.n_trials`` in
+    total, asking ``ctx.evaluate`` again for logged policies (served from the cache, never
+    re-evaluated) only where it needs their results.
+    """
+
+    name = "base"
+
+    def __init__(self, space: SearchSpace, predictor, budget_ms: float, *, seed: int = 0):
+        self.space, self.predictor, self.budget_ms, self.seed = space, predictor, budget_ms, \
+            seed
+        self.wall = BudgetWall(space, predictor, budget_ms)
+
+    @abc.abstractmethod
+    def run(self, ctx: SearchContext) -> None:
+        """Propose and evaluate policies until the study holds ``ctx.n_trials``."""
+
+    def options(self) -> dict:
+        """Settings that belong in the study's frozen config."""
+        return {}

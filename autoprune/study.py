@@ -1,0 +1,238 @@
+"""A study: one run folder ``runs/<name>/`` that a search can be killed in and resumed from.
+
+    config.json        frozen at creation; a resume with a different config is refused
+    candidates.jsonl   one line per evaluated candidate, flushed and fsynced as it lands
+    optuna.db          Optuna storage of the evolution searcher (or --storage URL)
+    amc/               DDPG agent, replay buffer and RNG checkpoints
+    best_policy.json, pareto.json, pareto.png, summary.json    results
+
+A killed process leaves at most a torn last line in candidates.jsonl (dropped on load) and
+RUNNING Optuna trials (failed and re-enqueued on resume; their policies, if already logged,
+come from the cache and are not evaluated again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write, write_json
+from .errors import UserError
+from .evaluate import Candidate
+
+log = logging.getLogger(__name__)
+
+# Keys of config.json that define a study: a resume must match them exactly.
+IDENTITY_KEYS = ("model", "weights_sha256", "data", "device", "budget", "budget_ms", "searcher",
+                 "searcher_options", "seed", "space", "evaluator", "reward")
+
+
+class Study:
+    def __init__(self, root: Path, config: dict[str, Any], *, storage_url: str | None = None):
+        self.root = root
+        self.config = config
+        self.shared = storage_url is not None
+        self.storage_url = storage_url or f"sqlite:///{(root / 'optuna.db').resolve()}"
+        self.candidates: list[Candidate] = []
+        self.previous_crashed = False
+
+    # ------------------------------------------------------------------ open / resume
+    @classmethod
+    def open(cls, root: str | Path, config: dict[str, Any], *,
+             storage_url: str | None = None) -> Study:
+        root = Path(root)
+        study = cls(root, config, storage_url=storage_url)
+        cfg_path = root / "config.json"
+        if cfg_path.is_file():
+            try:
+                saved = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"study config {str(cfg_path)!r} is corrupt ({e.msg}); move the "
+                                "folder away or pick another `--study`") from e
+            diffs = [k for k in IDENTITY_KEYS if saved.get(k) != config.get(k)]
+            if diffs:
+                k = diffs[0]
+                raise UserError(
+                    f"study {root.name!r} was created with a different {k} "
+                    f"({_short(saved.get(k))} vs now {_short(config.get(k))})"
+                    + (f" and {len(diffs) - 1} more ({', '.join(diffs[1:])})" if diffs[1:]
+                       else "")
+                    + "; resume with the original options or pick another `--study`")
+            if saved.get("versions") != config.get("versions"):
+                log.warning("study %s was created with other library versions: %s",
+                            root.name, saved.get("versions"))
+            study.config = saved
+        else:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create study folder {str(root)!r} ({e.strerror}); "
+                                "choose another `--study` or `--runs`") from e
+            write_json(cfg_path, config)
+        study._take_lock()
+        study._load_candidates()
+        return study
+
+    @classmethod
+    def load(cls, root: str | Path) -> Study:
+        """An existing study, read-only (for reports)."""
+        root = Path(root)
+        cfg = root / "config.json"
+        if not cfg.is_file():
+            raise UserError(f"no study at {str(root)!r} (no config.json); run `autoprune "
+                            "search --study NAME` first")
+        study = cls(root, json.loads(cfg.read_text()))
+        study._load_candidates(repair=False)
+        return study
+
+    def _take_lock(self) -> None:
+        lock = self.root / "lock.json"
+        if lock.is_file():
+            try:
+                held = json.loads(lock.read_text())
+            except json.JSONDecodeError:
+                held = {}
+            pid, host = held.get("pid"), held.get("host")
+            alive = host == socket.gethostname() and isinstance(pid, int) and _pid_alive(pid)
+            if alive and pid != os.getpid() and not self.shared:
+                raise UserError(f"study {self.root.name!r} is being run by process {pid}; wait "
+                                "for it, or share it between workers with `--storage URL`")
+            self.previous_crashed = not alive
+        write_json(lock, {"pid": os.getpid(), "host": socket.gethostname(),
+                          "since": time.time()})
+
+    def release(self) -> None:
+        lock = self.root / "lock.json"
+        try:
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
+        except (OSError, json.JSONDecodeError):
+            pass
+
+    # ------------------------------------------------------------------ candidates
+    @property
+    def log_path(self) -> Path:
+        return self.root / "candidates.jsonl"
+
+    def _load_candidates(self, *, repair: bool = True) -> None:
+        if not self.log_path.is_file():
+            return
+        raw = self.log_path.read_bytes()
+        good_end, out = 0, []
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # torn by a kill mid-write
+            try:
+                out.append(Candidate.from_json(line.decode()))
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                break
+            good_end += len(line)
+        if good_end < len(raw) and repair:
+            log.warning("dropping a torn last line of %s", self.log_path)
+            with open(self.log_path, "r+b") as f:
+                f.truncate(good_end)
+        self.candidates = out
+
+    def append(self, cand: Candidate) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(cand.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.candidates.append(cand)
+
+    def trials_done(self, searcher: str) -> set[int]:
+        return {c.trial for c in self.candidates if c.searcher == searcher}
+
+    # ------------------------------------------------------------------ results
+    def best(self) -> Candidate | None:
+        feasible = [c for c in self.candidates if c.feasible]
+        return max(feasible, key=lambda c: (c.val_acc, -c.latency_ms)) if feasible else None
+
+    def pareto(self) -> list[Candidate]:
+        """Non-dominated candidates: no other is both faster and at least as accurate."""
+        front: list[Candidate] = []
+        seen = set()
+        for c in sorted(self.candidates, key=lambda c: (c.latency_ms, -c.val_acc)):
+            if c.policy in seen:
+                continue
+            seen.add(c.policy)
+            if not front or c.val_acc > front[-1].val_acc:
+                front.append(c)
+        return front
+
+    def write_results(self, reference: dict[str, Candidate]) -> dict[str, Path]:
+        best = self.best()
+        if best is None:
+            raise UserError(f"study {self.root.name!r} has no feasible candidate yet; run "
+                            "`autoprune search` on it")
+        paths = {}
+        paths["best_policy"] = write_json(self.root / "best_policy.json", {
+            "channels": best.policy.to_dict(), "val_acc": best.val_acc,
+            "latency_ms": best.latency_ms, "macs": best.macs, "params": best.params,
+            "searcher": best.searcher, "trial": best.trial,
+            "budget_ms": self.config["budget_ms"], "device": self.config["device"]["name"]})
+        front = self.pareto()
+        paths["pareto"] = write_json(self.root / "pareto.json",
+                                     [json.loads(c.to_json()) for c in front])
+        summary = {"study": self.root.name, "candidates": len(self.candidates),
+                   "feasible": sum(c.feasible for c in self.candidates),
+                   "budget_ms": self.config["budget_ms"],
+                   "best": json.loads(best.to_json()),
+                   **{k: json.loads(v.to_json()) for k, v in reference.items()}}
+        paths["summary"] = write_json(self.root / "summary.json", summary)
+        paths["plot"] = self._plot(front, best, reference)
+        return paths
+
+    def _plot(self, front, best, reference) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+        xs = [c.latency_ms for c in self.candidates]
+        ys = [c.val_acc * 100 for c in self.candidates]
+        ax.scatter(xs, ys, s=8, color="0.7", label=f"candidates ({len(xs)})")
+        ax.plot([c.latency_ms for c in front], [c.val_acc * 100 for c in front], "-o", ms=3,
+                color="tab:blue", label="Pareto front")
+        ax.axvline(self.config["budget_ms"], color="tab:red", ls="--", lw=1, label="budget")
+        markers = {"uniform": ("s", "tab:orange"), "unpruned": ("D", "tab:green")}
+        for name, cand in reference.items():
+            m, color = markers.get(name, ("^", "tab:purple"))
+            ax.scatter([cand.latency_ms], [cand.val_acc * 100], marker=m, s=50, color=color,
+                       label=name, zorder=3)
+        ax.scatter([best.latency_ms], [best.val_acc * 100], marker="*", s=160, color="gold",
+                   edgecolor="k", label="best feasible", zorder=4)
+        ax.set(xlabel=f"predicted latency on {self.config['device']['name']} (ms)",
+               ylabel="val accuracy (%)", title=f"study {self.root.name}")
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        path = self.root / "pareto.png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+        return path
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
