@@ -309,9 +309,17 @@ def _backend(device, args):
     from .latency.backends import get_backend
 
     options = {}
-    if getattr(args, "trials_per_task", None) and device.runtime == "tvm":
-        options["trials_per_task"] = args.trials_per_task
+    if device.runtime == "tvm":
+        if getattr(args, "trials_per_task", None):
+            options["trials_per_task"] = args.trials_per_task
+        options["tuning_dir"] = _tables_root(args) / device.name / "tuning"
     return get_backend(device, **options)
+
+
+def _tables_root(args) -> Path:
+    from .latency.devices import LATENCY_TABLES_DIR
+
+    return Path(args.tables) if getattr(args, "tables", None) else LATENCY_TABLES_DIR
 
 
 def cmd_devices(args) -> int:
@@ -396,7 +404,8 @@ def cmd_profile(args) -> int:
         raise UserError(f"{str(loaded.weights)!r} is pruned; profile the unpruned model")
     space = _device_space(loaded, args, device)
     key = model_key(loaded.spec.name, loaded.input_shape)
-    path = Path(args.table) if args.table else table_path(device.name, loaded.spec.name)
+    path = Path(args.table) if args.table else \
+        table_path(device.name, loaded.spec.name, _tables_root(args))
     with _backend(device, args) as backend:
         setup = build_table(loaded.model, space, device, backend, key=key,
                             model_name=loaded.spec.name, path=path, rebuild=args.rebuild,
@@ -458,7 +467,8 @@ def cmd_predict(args) -> int:
     space = _device_space(loaded, args, device)
     policy = space.validate(Policy.load(args.policy), source=f"policy file {args.policy!r}") \
         if args.policy else space.full()
-    path = Path(args.table) if args.table else table_path(device.name, loaded.spec.name)
+    path = Path(args.table) if args.table else \
+        table_path(device.name, loaded.spec.name, _tables_root(args))
     setup = load_setup(loaded.model, space, device, key=model_key(loaded.spec.name,
                        loaded.input_shape), model_name=loaded.spec.name, path=path)
     pred = setup.predictor()
@@ -471,6 +481,190 @@ def cmd_predict(args) -> int:
     print(f"predicted {out['predicted_ms']:.4f} ms on {device.name} (unpruned "
           f"{out['full_ms']:.4f} ms, smallest policy {out['smallest_ms']:.4f} ms; "
           f"{out['predicted_ms'] / out['full_ms'] * 100:.1f}% of unpruned)")
+    return 0
+
+
+def _latency_setup(loaded: Loaded, args, device, *, quiet: bool):
+    """The model's latency table on the device: loaded when complete, else profiled now."""
+    from .latency.profile import build_table, model_key
+    from .latency.table import table_path
+
+    space = _device_space(loaded, args, device)
+    key = model_key(loaded.spec.name, loaded.input_shape)
+    path = table_path(device.name, loaded.spec.name, _tables_root(args))
+    with _backend(device, args) as backend:
+        return build_table(loaded.model, space, device, backend, key=key,
+                           model_name=loaded.spec.name, path=path, progress=not quiet)
+
+
+def _summary_table(title: str, rows: list[tuple[str, object]], full_ms: float):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("", "val acc", "latency (pred.)", "of unpruned", "MACs", "params", "feasible"):
+        table.add_column(col, justify="left" if not col else "right")
+    for name, c in rows:
+        table.add_row(name, f"{c.val_acc * 100:.2f}%", f"{c.latency_ms:.4f} ms",
+                      f"{c.latency_ms / full_ms * 100:.1f}%", _fmt_count(c.macs),
+                      _fmt_count(c.params), "yes" if c.feasible else "no")
+    return table
+
+
+def _reference(study, evaluator, space, predictor) -> dict:
+    """The unpruned model and the best uniform policy under the same budget, scored by the
+    same evaluator (kept in reference.json, so a resumed study does not score them again)."""
+    from ._io import write_json
+    from .evaluate import Candidate
+    from .search import best_uniform
+
+    path = study.root / "reference.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return {k: Candidate.from_json(json.dumps(v)) for k, v in saved.items()}
+    ref = {"uniform": evaluator.evaluate(best_uniform(space, predictor, evaluator.budget_ms),
+                                         searcher="uniform", trial=0),
+           "unpruned": evaluator.evaluate(space.full(), searcher="unpruned", trial=0)}
+    write_json(path, {k: json.loads(v.to_json()) for k, v in ref.items()})
+    return ref
+
+
+def cmd_search(args) -> int:
+    import datetime as _dt
+
+    from . import __version__
+    from .evaluate import Evaluator, resolve_budget
+    from .models import file_sha256
+    from .progress import bar
+    from .search import SEARCHERS, SearchContext
+    from .study import Study
+
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"`--trials` must be >= 1, got {args.trials}")
+    if args.storage and args.storage.split(":", 1)[0].split("+")[0] not in (
+            "sqlite", "postgresql", "mysql"):
+        raise UserError(f"`--storage` must be an RDB URL (sqlite:///..., postgresql://...), "
+                        f"got {args.storage!r}")
+    device = _device(args)
+    loaded = _resolve_model(args, need_weights=True)
+    if loaded.policy is not None:
+        raise UserError(f"{str(loaded.weights)!r} is already pruned; search on the unpruned "
+                        "checkpoint")
+    setup = _latency_setup(loaded, args, device, quiet=args.quiet)
+    space, predictor = setup.space, setup.predictor()
+    budget_ms = resolve_budget(predictor, fraction=args.latency_budget, ms=args.latency_budget_ms)
+    data = _load_data(loaded)
+    evaluator = Evaluator(loaded.model, data, space, predictor, budget_ms=budget_ms,
+                          val_images=args.val_images, adaptive_bn=not args.no_adaptive_bn,
+                          importance=args.importance, seed=args.seed)
+    options = {}
+    if args.searcher == "evolution":
+        options = {"population": args.population, "sampler": args.sampler}
+    elif args.searcher == "amc":
+        options = {"reward": args.reward, "warmup_episodes": args.warmup_episodes}
+    searcher = SEARCHERS[args.searcher]()(space, predictor, budget_ms, seed=args.seed,
+                                         **options)
+    n_trials = 1 if args.searcher == "uniform" else (args.trials or 100)
+    budget = {"fraction": args.latency_budget} if args.latency_budget is not None else \
+        {"ms": args.latency_budget_ms}
+    versions = {"autoprune": __version__}
+    for mod in ("torch", "torch_pruning", "optuna", "stable_baselines3", "onnxruntime"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = "unavailable"
+    config = {
+        "model": loaded.spec.to_dict(), "data": loaded.data_spec,
+        "weights_sha256": file_sha256(loaded.weights) if loaded.weights else None,
+        "device": device.to_dict(), "budget": budget, "budget_ms": round(budget_ms, 9),
+        "searcher": args.searcher, "searcher_options": searcher.options(), "seed": args.seed,
+        "space": {"round_to": space.groups[0].round_to if space.groups else None,
+                  "source": Path(space.spec_source).name, "groups": list(space.names)},
+        "evaluator": evaluator.describe(), "reward": args.reward,
+        "versions": versions,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    name = args.study or (f"{loaded.spec.name.split('/')[-1].replace(':', '-')}-{device.name}-"
+                          f"{args.searcher}-" + (f"b{args.latency_budget:g}"
+                                                 if args.latency_budget is not None
+                                                 else f"{args.latency_budget_ms:g}ms"))
+    study = Study.open(Path(args.runs) / name, config, storage_url=args.storage)
+    for cand in study.candidates:
+        evaluator.add_known(cand)
+    resumed = len(study.candidates)
+    done = study.trials_done(args.searcher)
+    best = [study.best()]
+
+    try:
+        with bar(f"search {args.searcher}", n_trials, enabled=not args.quiet,
+                 fields="best {task.fields[best]}") as pbar:
+            def show():
+                b = best[0]
+                pbar.update(best=f"{b.val_acc * 100:.2f}% @ {b.latency_ms:.4f} ms"
+                            if b else "-")
+
+            pbar.advance(min(len(done), n_trials))
+            show()
+
+            def evaluate(policy, trial):
+                cached = evaluator.cache.get(policy)
+                if cached is not None:
+                    return cached
+                cand = evaluator.evaluate(policy, searcher=args.searcher, trial=trial)
+                study.append(cand)
+                return cand
+
+            def on_candidate(cand):
+                if cand.feasible and (best[0] is None or (cand.val_acc, -cand.latency_ms) >
+                                      (best[0].val_acc, -best[0].latency_ms)):
+                    best[0] = cand
+                pbar.advance()
+                show()
+
+            ctx = SearchContext(evaluate=evaluate, n_trials=n_trials, seed=args.seed,
+                                state_dir=study.root / "amc", storage_url=study.storage_url,
+                                study_name=name, done_trials=done,
+                                recover_stale=study.previous_crashed and not study.shared,
+                                on_candidate=on_candidate)
+            searcher.run(ctx)
+        reference = _reference(study, evaluator, space, predictor)
+        paths = study.write_results(reference)
+    finally:
+        study.release()
+    best_c = study.best()
+    full_ms = predictor.max_latency()
+    console = _console()
+    console.print(_summary_table(
+        f"study {name}: {len(study.candidates)} candidates ({resumed} from before), budget "
+        f"{budget_ms:.4f} ms on {device.name}",
+        [(f"best ({best_c.searcher})", best_c), ("uniform", reference["uniform"]),
+         ("unpruned", reference["unpruned"])], full_ms))
+    console.print(f"evaluated {evaluator.evaluations} new candidate(s); "
+                  + ", ".join(f"{k} {v}" for k, v in paths.items()))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .evaluate import Candidate
+    from .study import Study
+
+    study = Study.load(Path(args.runs) / args.study)
+    ref_path = study.root / "reference.json"
+    if not ref_path.is_file() or study.best() is None:
+        raise UserError(f"study {args.study!r} has no finished search yet; run `autoprune "
+                        f"search --study {args.study}`")
+    reference = {k: Candidate.from_json(json.dumps(v))
+                 for k, v in json.loads(ref_path.read_text()).items()}
+    paths = study.write_results(reference)
+    best = study.best()
+    if args.json:
+        print(json.dumps(json.loads((study.root / "summary.json").read_text()), indent=2))
+        return 0
+    console = _console()
+    console.print(_summary_table(
+        f"study {args.study}: {len(study.candidates)} candidates, budget "
+        f"{study.config['budget_ms']:.4f} ms on {study.config['device']['name']}",
+        [(f"best ({best.searcher})", best), ("uniform", reference["uniform"]),
+         ("unpruned", reference["unpruned"])], reference["unpruned"].latency_ms))
+    console.print(", ".join(f"{k} {v}" for k, v in paths.items()))
     return 0
 
 
@@ -503,6 +697,7 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", help="YAML file of your own devices (added to the built-ins)")
     p.add_argument("--trials-per-task", type=int,
                    help="MetaSchedule trials per task for a tuned TVM device")
+    p.add_argument("--tables", help="folder of latency tables (default: latency_tables/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,6 +785,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="table path (default latency_tables/<device>/<model>.json)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("search", help="find the best pruning policy under a latency budget")
+    _add_device_args(p)
+    _add_model_args(p)
+    _add_space_args(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--latency-budget", type=float, metavar="F",
+                   help="fraction of the unpruned model's predicted latency, in (0, 1]")
+    g.add_argument("--latency-budget-ms", type=float, metavar="MS", help="budget in ms")
+    p.add_argument("--searcher", choices=("amc", "evolution", "uniform", "random"),
+                   default="evolution")
+    p.add_argument("--trials", type=int, help="candidates (amc: episodes) in total "
+                   "(default 100)")
+    p.add_argument("--study", help="study name (folder under --runs); re-run to resume")
+    p.add_argument("--runs", default="runs", help="folder of study folders")
+    p.add_argument("--storage", help="Optuna RDB URL shared by several workers "
+                   "(default: SQLite in the study folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--population", type=int, default=32, help="evolution: population size")
+    p.add_argument("--sampler", choices=("nsga2", "cmaes", "tpe"), default="nsga2")
+    p.add_argument("--reward", choices=("acc", "acc-log-latency"), default="acc",
+                   help="amc: reward at the end of an episode")
+    p.add_argument("--warmup-episodes", type=int, default=10, help="amc: random episodes")
+    p.add_argument("--val-images", type=int, default=2000, help="val images per candidate")
+    p.add_argument("--no-adaptive-bn", action="store_true",
+                   help="skip BN recalibration of pruned candidates")
+    p.add_argument("--importance", default="l1",
+                   choices=("l1", "l2", "bn-scale", "fpgm", "random"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="a study's summary table and Pareto plot")
+    p.add_argument("--study", required=True)
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,240 @@
+"""Evaluator, searchers, the action wall, and studies that survive SIGKILL."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from autoprune.errors import UserError
+from autoprune.evaluate import Candidate, Evaluator, resolve_budget
+from autoprune.latency.backends import get_backend
+from autoprune.latency.devices import get_device
+from autoprune.latency.profile import build_table, model_key
+from autoprune.models import ModelSpec, build_model
+from autoprune.policy import Policy
+from autoprune.search import SEARCHERS, BudgetWall, SearchContext
+from autoprune.space import SearchSpace, SpaceSpec
+from autoprune.train import TrainConfig, train
+
+from .conftest import ROOT, assert_user_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def setup(digits, tmp_path_factory):
+    """ResNet-20 briefly trained on digits, its cpu-ort table, an evaluator at budget 0.7."""
+    spec = ModelSpec("resnet20", num_classes=10, in_channels=1, input_size=8)
+    model = build_model(spec)
+    train(model, digits, TrainConfig(epochs=3, batch_size=64, lr=0.05))
+    model.eval()
+    device = get_device("cpu-ort")
+    space = SearchSpace.from_model(model, torch.zeros(1, 1, 8, 8),
+                                   SpaceSpec.for_family("resnet"), round_to=8)
+    with get_backend(device) as backend:
+        lat = build_table(model, space, device, backend, key=model_key("resnet20", (1, 1, 8, 8)),
+                          model_name="resnet20",
+                          path=tmp_path_factory.mktemp("t") / "cpu-ort" / "resnet20.json",
+                          calibrate_n=3)
+    pred = lat.predictor()
+    budget = resolve_budget(pred, fraction=0.7)
+    ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=200, bn_batches=3)
+    return model, space, pred, budget, ev
+
+
+def _ctx(ev, n, tmp_path, name="s"):
+    found = []
+
+    def evaluate(policy, trial):
+        return ev.evaluate(policy, searcher="test", trial=trial)
+
+    ctx = SearchContext(evaluate=evaluate, n_trials=n, seed=0, state_dir=tmp_path / "state",
+                        storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", study_name=name,
+                        on_candidate=found.append)
+    return ctx, found
+
+
+def test_evaluator_caches_and_scores(setup):
+    model, space, pred, budget, ev = setup
+    p = space.uniform(0.5)
+    before = ev.evaluations
+    c1 = ev.evaluate(p, searcher="x", trial=1)
+    c2 = ev.evaluate(p, searcher="y", trial=2)
+    assert c1 is c2 and ev.evaluations == before + 1
+    assert 0 <= c1.val_acc <= 1 and c1.latency_ms == pytest.approx(pred.predict(p))
+    full = ev.evaluate(space.full())
+    assert c1.macs < full.macs and c1.params < full.params
+    assert Candidate.from_json(c1.to_json()) == c1
+
+
+def test_adaptive_bn_helps_a_pruned_model(setup, digits):
+    model, space, pred, budget, _ = setup
+    p = space.uniform(0.5)
+    kw = dict(budget_ms=budget, val_images=300)
+    with_bn = Evaluator(model, digits, space, pred, adaptive_bn=True, **kw).evaluate(p)
+    without = Evaluator(model, digits, space, pred, adaptive_bn=False, **kw).evaluate(p)
+    assert with_bn.val_acc >= without.val_acc
+
+
+def test_infeasible_budget_is_refused_up_front(setup):
+    _, _, pred, _, _ = setup
+    low = pred.min_latency() / pred.max_latency() * 0.9
+    with pytest.raises(UserError, match="below the smallest achievable"):
+        resolve_budget(pred, fraction=low)
+    with pytest.raises(UserError, match="must be in \\(0, 1\\]"):
+        resolve_budget(pred, fraction=1.5)
+
+
+def test_check_env(setup):
+    from gymnasium.utils.env_checker import check_env
+
+    from autoprune.search.amc import PruningEnv
+
+    _, space, pred, budget, ev = setup
+    env = PruningEnv(space, pred, budget, lambda p, ep: ev.evaluate(p))
+    check_env(env, skip_render_check=True)
+
+
+def test_action_wall_never_ends_infeasible(setup):
+    from autoprune.search.amc import PruningEnv
+
+    _, space, pred, budget, ev = setup
+    rng = np.random.default_rng(0)
+    seen = []
+    env = PruningEnv(space, pred, budget, lambda p, ep: seen.append(p) or ev.evaluate(p))
+    for _ in range(25):
+        env.reset()
+        done = False
+        while not done:
+            _, _, done, _, _ = env.step(rng.uniform(0, 1, size=1).astype(np.float32))
+    assert len(seen) == 25
+    assert all(pred.predict(p) <= budget * (1 + 1e-9) for p in seen)
+    wall = BudgetWall(space, pred, budget)
+    for _ in range(200):  # repair of arbitrary proposals is always feasible too
+        proposal = {g.name: int(rng.choice(g.choices)) for g in space.groups}
+        assert pred.predict(wall.repair(proposal)) <= budget * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("name,n", [("uniform", 1), ("random", 6), ("evolution", 8),
+                                    ("amc", 6)])
+def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, name, n):
+    _, space, pred, budget, ev = setup
+    options = {"population": 4} if name == "evolution" else \
+        {"warmup_episodes": 2} if name == "amc" else {}
+    searcher = SEARCHERS[name]()(space, pred, budget, seed=0, **options)
+    ctx, found = _ctx(ev, n, tmp_path, name)
+    searcher.run(ctx)
+    assert len(found) == n
+    assert all(c.feasible for c in found)
+    assert max(c.val_acc for c in found) > 0.1
+
+
+# ------------------------------------------------------------------ CLI: kill and resume
+@pytest.fixture(scope="module")
+def cli_env(digits_ckpt, tmp_path_factory):
+    tables = tmp_path_factory.mktemp("tables")
+    run_cli("profile", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables",
+            tables, "--calibrate", "3", "--quiet", check=True)
+    return digits_ckpt, tables
+
+
+def _search_args(ckpt, tables, runs, searcher, trials, study, budget="0.7"):
+    extra = {"evolution": ["--population", "4"], "amc": ["--warmup-episodes", "3"]}
+    return ["search", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", tables,
+            "--latency-budget", budget, "--searcher", searcher, "--trials", str(trials),
+            "--study", study, "--runs", runs, "--val-images", "200", "--quiet",
+            *extra.get(searcher, [])]
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _kill_midway(args, log, at_least):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "--threads", "1",
+                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(_lines(log)) < at_least:
+        assert proc.poll() is None, "search ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return _lines(log)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("searcher,trials,kill_at", [("random", 14, 4), ("evolution", 14, 6),
+                                                     ("amc", 14, 9)])
+def test_resume_after_sigkill(cli_env, tmp_path, searcher, trials, kill_at):
+    ckpt, tables = cli_env
+    runs = tmp_path / "runs"
+    args = _search_args(ckpt, tables, runs, searcher, trials, "s")
+    log = runs / "s" / "candidates.jsonl"
+    before = _kill_midway(args, log, kill_at)
+    proc = run_cli(*args, check=True)
+    after = _lines(log)
+    assert after[:len(before)] == before  # nothing logged is lost or rewritten
+    policies = [json.dumps(json.loads(line)["policy"], sort_keys=True) for line in after]
+    assert len(policies) == len(set(policies))  # none duplicated
+    assert len(after) <= trials
+    new = int(re.search(r"evaluated (\d+) new", proc.stdout)[1])
+    refs = json.loads((runs / "s" / "reference.json").read_text())
+    fresh_refs = sum(json.dumps(r["policy"], sort_keys=True) not in policies
+                     for r in refs.values())  # evolution's seed *is* the uniform policy
+    assert new == len(after) - len(before) + fresh_refs  # nothing evaluated twice
+    summary = json.loads((runs / "s" / "summary.json").read_text())
+    assert summary["best"]["feasible"]
+    if searcher == "evolution":
+        import optuna
+
+        study = optuna.load_study(study_name="s", storage=f"sqlite:///{runs / 's' / 'optuna.db'}")
+        states = [t.state.name for t in study.trials]
+        assert states.count("COMPLETE") == trials and "RUNNING" not in states
+    if searcher == "random":
+        assert len(after) == len({json.loads(x)["trial"] for x in after})
+    if searcher == "amc":
+        # the resumed agent replays the same episodes: the log equals an uninterrupted run's
+        run_cli(*_search_args(ckpt, tables, runs, searcher, trials, "clean"), check=True)
+        clean = _lines(runs / "clean" / "candidates.jsonl")
+        strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "eval_s"}  # noqa: E731
+                               for x in lines]
+        assert strip(after) == strip(clean)
+
+
+def test_changed_config_is_refused(cli_env, tmp_path):
+    ckpt, tables = cli_env
+    runs = tmp_path / "runs"
+    run_cli(*_search_args(ckpt, tables, runs, "random", 2, "s"), check=True)
+    saved = (runs / "s" / "candidates.jsonl").read_text()
+    assert_user_error(run_cli(*_search_args(ckpt, tables, runs, "random", 2, "s", budget="0.8")),
+                      "different budget", "pick another `--study`")
+    assert_user_error(run_cli(*_search_args(ckpt, tables, runs, "uniform", 2, "s")),
+                      "different")
+    assert (runs / "s" / "candidates.jsonl").read_text() == saved
+    # more trials on the same study is a resume, not a change
+    run_cli(*_search_args(ckpt, tables, runs, "random", 4, "s"), check=True)
+    assert len(_lines(runs / "s" / "candidates.jsonl")) >= 3
+    proc = run_cli("report", "--study", "s", "--runs", runs, "--json", check=True)
+    assert json.loads(proc.stdout)["best"]["feasible"]
+
+
+def test_infeasible_budget_cli(cli_env, tmp_path):
+    ckpt, tables = cli_env
+    proc = run_cli(*_search_args(ckpt, tables, tmp_path / "runs", "random", 2, "s",
+                                 budget="0.05"))
+    assert_user_error(proc, "below the smallest achievable")
+    assert not (tmp_path / "runs" / "s").exists()
+    assert_user_error(run_cli("report", "--study", "nope", "--runs", tmp_path), "no study")
+
+
+def test_policy_objects_are_keyed_by_name(setup):
+    _, space, _, _, _ = setup
+    assert all(isinstance(k, str) for k in Policy.from_dict(space.full().to_dict()))
