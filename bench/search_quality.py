@@ -1,0 +1,137 @@
+"""Search quality: amc and evolution against uniform and random, at the same number of
+evaluated candidates, on the shipped ResNet-20 / Fashion-MNIST and a target device. Prints one
+JSON document.
+
+    python bench/search_quality.py                                   # the full benchmark
+    python bench/search_quality.py --trials 60 --seeds 0 --budgets 0.5
+
+For every (budget, searcher, seed): val accuracy of the best feasible policy (no fine-tuning),
+its predicted and *measured* latency on the device, seconds per candidate evaluation, and the
+searcher's own overhead as a share of wall time. Targets (issue 4): both searchers beat uniform
+and random at both budgets (mean over seeds); measured latency <= 1.05 x budget for every
+winner; one evaluation <= 1.5 s; searcher overhead <= 5% of wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from autoprune.data import load_dataset  # noqa: E402
+from autoprune.evaluate import Evaluator, resolve_budget  # noqa: E402
+from autoprune.latency.backends import get_backend  # noqa: E402
+from autoprune.latency.devices import get_device  # noqa: E402
+from autoprune.latency.profile import build_table, model_key  # noqa: E402
+from autoprune.latency.table import table_path  # noqa: E402
+from autoprune.models import ModelSpec, build_model, load_state, read_checkpoint  # noqa: E402
+from autoprune.prune import apply_policy  # noqa: E402
+from autoprune.search import SEARCHERS, SearchContext  # noqa: E402
+from autoprune.space import SearchSpace, SpaceSpec  # noqa: E402
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "autoprune" / "weights" / \
+    "resnet20-fashion-mnist.pt"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default=str(WEIGHTS))
+    ap.add_argument("--device", default="cpu-ort")
+    ap.add_argument("--budgets", default="0.5,0.3")
+    ap.add_argument("--searchers", default="amc,evolution,random,uniform")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--trials", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch threads for evaluation")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ckpt = read_checkpoint(args.weights)
+    spec = ModelSpec.from_dict(ckpt["model"])
+    model = build_model(spec)
+    load_state(model, ckpt["state_dict"], source=args.weights)
+    model.eval()
+    data = load_dataset(ckpt["data"])
+    device = get_device(args.device)
+    x = torch.zeros(data.input_shape)
+    space = SearchSpace.from_model(model, x, SpaceSpec.for_family(spec.family),
+                                   family=spec.family, round_to=device.channel_multiple)
+    out = {"model": spec.name, "data": ckpt["data"], "device": device.name,
+           "trials": args.trials, "runs": []}
+    with get_backend(device) as backend:
+        setup = build_table(model, space, device, backend,
+                            key=model_key(spec.name, tuple(x.shape)), model_name=spec.name,
+                            path=table_path(device.name, spec.name))
+        pred = setup.predictor()
+        full_measured = backend.measure_model(model, x.shape).median_ms
+        out["unpruned"] = {"predicted_ms": pred.max_latency(), "measured_ms": full_measured,
+                           "smallest_predicted_fraction": pred.min_latency() /
+                           pred.max_latency()}
+        for budget_f in map(float, args.budgets.split(",")):
+            budget_ms = resolve_budget(pred, fraction=budget_f)
+            for name in args.searchers.split(","):
+                for seed in map(int, args.seeds.split(",")):
+                    out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
+                                            pred, backend, full_measured, args.trials))
+                    print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
+    out["summary"] = _summarise(out["runs"])
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, full_measured,
+         trials):
+    ev = Evaluator(model, data, space, pred, budget_ms=budget_ms, seed=seed)
+    options = {"population": 32} if name == "evolution" else {}
+    searcher = SEARCHERS[name]()(space, pred, budget_ms, seed=seed, **options)
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = SearchContext(evaluate=lambda p, t: ev.evaluate(p, searcher=name, trial=t),
+                            n_trials=trials, seed=seed, state_dir=Path(tmp) / "amc",
+                            storage_url=f"sqlite:///{tmp}/optuna.db", study_name="bench",
+                            on_candidate=found.append)
+        t0 = time.perf_counter()
+        searcher.run(ctx)
+        wall = time.perf_counter() - t0
+    cands = list(ev.cache.values())
+    eval_s = [c.eval_s for c in cands]
+    best = max((c for c in cands if c.feasible), key=lambda c: (c.val_acc, -c.latency_ms))
+    pruned = apply_policy(model, best.policy, example_input=torch.zeros(space.input_shape))
+    measured = backend.measure_model(pruned, space.input_shape).median_ms
+    return {"budget": budget_f, "searcher": name, "seed": seed, "evaluated": len(cands),
+            "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,
+            "measured_ms": measured,
+            "measured_over_budget": measured / (budget_f * full_measured),
+            "eval_s_median": statistics.median(eval_s), "eval_s_max": max(eval_s),
+            "wall_s": wall, "searcher_overhead_pct": max(0.0, wall - sum(eval_s)) / wall * 100,
+            "policy": best.policy.to_dict()}
+
+
+def _summarise(runs):
+    out = {}
+    for budget in sorted({r["budget"] for r in runs}):
+        row = {}
+        for name in sorted({r["searcher"] for r in runs}):
+            rs = [r for r in runs if r["budget"] == budget and r["searcher"] == name]
+            row[name] = {"mean_val_acc": statistics.mean(r["best_val_acc"] for r in rs),
+                         "max_measured_over_budget": max(r["measured_over_budget"] for r in rs),
+                         "mean_overhead_pct": statistics.mean(r["searcher_overhead_pct"]
+                                                              for r in rs)}
+        base = max(row.get("uniform", {}).get("mean_val_acc", 0),
+                   row.get("random", {}).get("mean_val_acc", 0))
+        for name in ("amc", "evolution"):
+            if name in row:
+                row[name]["beats_uniform_and_random"] = row[name]["mean_val_acc"] > base
+        out[str(budget)] = row
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
