@@ -134,6 +134,30 @@ def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, name, n):
     assert max(c.val_acc for c in found) > 0.1
 
 
+@pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
+def test_single_objective_samplers(setup, tmp_path, sampler):
+    _, space, pred, budget, ev = setup
+    searcher = SEARCHERS["evolution"]()(space, pred, budget, seed=0, sampler=sampler)
+    ctx, found = _ctx(ev, 5, tmp_path, sampler)
+    searcher.run(ctx)
+    assert len(found) == 5 and all(c.feasible for c in found)
+    with pytest.raises(UserError, match="unknown `--sampler`"):
+        SEARCHERS["evolution"]()(space, pred, budget, sampler="grid")
+
+
+def test_amc_acc_log_latency_reward(setup):
+    from autoprune.search.amc import PruningEnv
+
+    _, space, pred, budget, ev = setup
+    env = PruningEnv(space, pred, budget, lambda p, ep: ev.evaluate(p), reward="acc-log-latency")
+    env.reset()
+    done, reward, info = False, 0.0, {}
+    while not done:
+        _, reward, done, _, info = env.step(np.array([1.0], dtype=np.float32))
+    cand = info["candidate"]
+    assert reward == pytest.approx(-(1 - cand.val_acc) * np.log(cand.latency_ms))
+
+
 # ------------------------------------------------------------------ CLI: kill and resume
 @pytest.fixture(scope="module")
 def cli_env(digits_ckpt, tmp_path_factory):
