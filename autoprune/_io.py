@@ -32,3 +32,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
             f.write("\n")
 
     return atomic_write(path, _write)
+
+
+def read_yaml(path: str | os.PathLike, *, what: str, option: str) -> Any:
+    """Parse a user's YAML file; a missing file or bad syntax is a one-line `UserError` naming
+    the file (``what``), the line and the option that passed it."""
+    import yaml
+
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} not found; check `{option}`")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{what} {str(path)!r} is not valid YAML{where}; fix its syntax") from e

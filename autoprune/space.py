@@ -52,19 +52,9 @@ class SpaceSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> SpaceSpec:
-        import yaml
+        from ._io import read_yaml
 
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"search-space file {str(path)!r} not found; pass an existing "
-                            "YAML file to `--space`")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"search-space file {str(path)!r} is not valid YAML{where}; fix "
-                            "its syntax") from e
+        raw = read_yaml(path, what="search-space file", option="--space")
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

@@ -112,17 +112,9 @@ def load_devices(path: str | Path | None = None) -> dict[str, TargetDevice]:
 
 
 def _read(path: Path) -> dict[str, TargetDevice]:
-    import yaml
+    from .._io import read_yaml
 
-    if not path.is_file():
-        raise UserError(f"devices file {str(path)!r} not found; check `--devices`")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"devices file {str(path)!r} is not valid YAML{where}; fix its "
-                        "syntax") from e
+    raw = read_yaml(path, what="devices file", option="--devices")
     if not isinstance(raw, dict) or not isinstance(raw.get("devices"), dict):
         raise UserError(f"devices file {str(path)!r} needs a top-level `devices:` mapping of "
                         "name -> settings")
