@@ -1,4 +1,5 @@
-"""Small helpers for writing files so that a killed process never leaves one half-written."""
+"""Small file helpers: atomic writes (a killed process never leaves a file half-written) and
+reading user YAML with one-line errors."""
 
 from __future__ import annotations
 
