@@ -412,9 +412,7 @@ def cmd_profile(args) -> int:
                             calibrate_n=args.calibrate, progress=not args.quiet)
         cal = setup.table.calibration[key]
         summary = {"table": str(setup.table.path), "entries": len(setup.table.entries),
-                   "device": device.name, "model": key,
-                   "calibration": {"scale": cal.scale, "offset_ms": cal.offset_ms,
-                                   "n": cal.n, "fit_mean_abs_pct": cal.fit_mean_abs_pct}}
+                   "device": device.name, "model": key, "calibration": vars(cal)}
         pred = setup.predictor()
         summary["predicted_ms"] = {"full": pred.max_latency(), "smallest": pred.min_latency()}
         if args.validate:
@@ -433,8 +431,9 @@ def cmd_profile(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"latency table {summary['table']}: {summary['entries']} op entries")
-    print(f"calibration: measured = {cal.scale:.4f} x sum(ops) {cal.offset_ms:+.4f} ms "
-          f"(fit on {cal.n} whole-model runs, mean abs error {cal.fit_mean_abs_pct:.2f}%)")
+    print(f"calibration: measured = {cal.scale:.4f} x sum(ops) {cal.act_coef:+.4f} x "
+          f"activations(M) {cal.offset_ms:+.4f} ms (fit on {cal.n} whole-model runs, mean abs "
+          f"error {cal.fit_mean_abs_pct:.2f}%)")
     print(f"predicted latency: full {summary['predicted_ms']['full']:.4f} ms, smallest policy "
           f"{summary['predicted_ms']['smallest']:.4f} ms")
     if args.validate:
@@ -767,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_space_args(p)
     p.add_argument("--table", help="table path (default latency_tables/<device>/<model>.json)")
     p.add_argument("--rebuild", action="store_true", help="discard the existing table")
-    p.add_argument("--calibrate", type=int, default=8,
+    p.add_argument("--calibrate", type=int, default=16,
                    help="random policies measured whole to calibrate (plus full and smallest)")
     p.add_argument("--validate", type=int, metavar="N",
                    help="measure N random policies whole and report the predictor's error")

@@ -70,8 +70,9 @@ def random_policies(space: SearchSpace, n: int, *, seed: int = 0) -> list[Policy
 
 
 def _sibling_entries(table: LatencyTable, device: TargetDevice, versions: dict[str, str],
-                     folder: Path) -> int:
-    """Copy entries from compatible tables of the same device; returns how many were new."""
+                     folder: Path, wanted: set[str]) -> int:
+    """Copy the ``wanted`` entries that compatible tables of the same device already hold;
+    returns how many were new."""
     added = 0
     for other in sorted(folder.glob("*.json")):
         if table.path is not None and other.resolve() == table.path.resolve():
@@ -82,7 +83,7 @@ def _sibling_entries(table: LatencyTable, device: TargetDevice, versions: dict[s
             continue
         if t.mismatch(device, versions) is None:
             for k, v in t.entries.items():
-                if k not in table.entries:
+                if k in wanted and k not in table.entries:
                     table.entries[k] = v
                     added += 1
     return added
@@ -124,17 +125,17 @@ def measure_policy(backend: Backend, model: nn.Module, policy: Policy,
 
 def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, backend: Backend, *,
                 key: str, model_name: str, path: Path | None = None, rebuild: bool = False,
-                calibrate_n: int = 8, seed: int = 0, progress: bool = False) -> LatencySetup:
+                calibrate_n: int = 16, seed: int = 0, progress: bool = False) -> LatencySetup:
     """Measure every grid signature the table lacks, then fit the calibration."""
     versions = backend.versions()
     table = open_table(device, key, versions, path=path, rebuild=rebuild, model=model_name)
     x = torch.zeros(space.input_shape)
     ops = model_ops(model, x, space)
-    reused = _sibling_entries(table, device, versions, table.path.parent) \
-        if table.path.parent.is_dir() else 0
+    sigs = grid_signatures(ops, space, device.grid_multiple)
+    reused = _sibling_entries(table, device, versions, table.path.parent,
+                              {s.key for s in sigs}) if table.path.parent.is_dir() else 0
     if reused:
         log.info("reused %d entries from other tables of %s", reused, device.name)
-    sigs = grid_signatures(ops, space, device.grid_multiple)
     missing = [s for s in sigs if s.key not in table.entries]
     if missing:
         backend.prepare_ops(missing)
@@ -157,24 +158,30 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
     return setup
 
 
-def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 8,
+def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 16,
               seed: int = 0, progress: bool = False) -> Calibration:
-    """Fit measured = scale * sum(op ms) + offset on the full, smallest and ``n`` random
-    policies, weighting by 1/measured so the fit minimises relative error."""
+    """Fit measured = scale * sum(op ms) + act_coef * activations + offset on the full,
+    smallest and ``n`` random policies, weighting by 1/measured so the fit minimises relative
+    error. Falls back to scale and offset alone if the three-term fit is degenerate."""
     space, table = setup.space, setup.table
     raw = setup.predictor(calibrated=False)
     policies = [space.full(), space.smallest(), *random_policies(space, n, seed=seed + 7919)]
-    sums, measured = [], []
+    feats, measured = [], []
     with bar("calibrate", len(policies), enabled=progress) as pbar:
         for p in policies:
-            sums.append(sum(raw.ops_ms(p.to_dict())))
+            feats.append(raw.features(p))
             measured.append(measure_policy(backend, model, p, space.input_shape).median_ms)
             pbar.advance()
-    x, y = np.array(sums), np.array(measured)
-    scale, offset = np.polyfit(x, y, 1, w=1.0 / y)
-    fit = scale * x + offset
+    f, y = np.array(feats), np.array(measured)
+    w = 1.0 / y
+    full_x = np.column_stack([f[:, 0], f[:, 1], np.ones(len(y))])
+    scale, act_coef, offset = np.linalg.lstsq(full_x * w[:, None], y * w, rcond=None)[0]
+    if not scale > 0 or len(y) < 6:
+        act_coef = 0.0
+        scale, offset = np.polyfit(f[:, 0], y, 1, w=w)
+    fit = scale * f[:, 0] + act_coef * f[:, 1] + offset
     cal = Calibration(float(scale), float(offset), len(y),
-                      float(np.mean(np.abs(fit - y) / y) * 100))
+                      float(np.mean(np.abs(fit - y) / y) * 100), float(act_coef))
     table.calibration[setup.key] = cal
     table.save()
     return cal
