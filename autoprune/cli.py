@@ -431,9 +431,8 @@ def cmd_profile(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"latency table {summary['table']}: {summary['entries']} op entries")
-    print(f"calibration: measured = {cal.scale:.4f} x sum(ops) {cal.act_coef:+.4f} x "
-          f"activations(M) {cal.offset_ms:+.4f} ms (fit on {cal.n} whole-model runs, mean abs "
-          f"error {cal.fit_mean_abs_pct:.2f}%)")
+    print(f"calibration: measured = {cal.scale:.4f} x sum(ops) {cal.offset_ms:+.4f} ms "
+          f"(fit on {cal.n} whole-model runs, mean abs error {cal.fit_mean_abs_pct:.2f}%)")
     print(f"predicted latency: full {summary['predicted_ms']['full']:.4f} ms, smallest policy "
           f"{summary['predicted_ms']['smallest']:.4f} ms")
     if args.validate:

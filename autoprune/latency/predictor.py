@@ -5,8 +5,7 @@ output channels; linear for depthwise) between the grid points of its family. Co
 non-decreasing across the device's channel multiples (a cumulative max along each axis), so
 measurement noise never makes a wider layer look cheaper; non-multiples keep their raw value,
 since runtimes really do run them on slower kernels. The sum of op costs is calibrated to
-whole-model latency with the table's calibration for this model (scale, an activation-size
-term and an offset; see `Calibration`).
+whole-model latency with the table's fitted scale and offset for this model.
 
 For speed (>= 10,000 predictions/s) every op's cost over its groups' channel grid is computed
 once; a prediction is then one array lookup per op.
@@ -31,15 +30,6 @@ log = logging.getLogger(__name__)
 
 class MissingEntry(UserError):
     pass
-
-
-def activation_m(sig: OpSig) -> float:
-    """Input plus output elements of one op, in millions (per sample)."""
-    if sig.kind == "linear":
-        return (sig.cin + sig.cout) / 1e6
-    out_h = (sig.h + 2 * sig.padding - sig.kernel) // sig.stride + 1
-    out_w = (sig.w + 2 * sig.padding - sig.kernel) // sig.stride + 1
-    return (sig.cin * sig.h * sig.w + sig.cout * out_h * out_w) / 1e6
 
 
 class _Family:
@@ -116,7 +106,6 @@ class LatencyPredictor:
         if self.calibration is None and calibrated:
             log.warning("latency table %s has no calibration for %s: predictions are raw sums "
                         "of op latencies", table.path, model_key)
-        self._multiple = channel_multiple
         self._families = self._build_families(table, channel_multiple)
         self._raw_cache: dict[str, float] = {}
         # per op: (in group, out group, in choices, out choices, cost matrix)
@@ -152,62 +141,42 @@ class LatencyPredictor:
         return list(self.space.group(group).choices) if group else [full]
 
     def _compile(self, op: LayerOp):
-        """Per op: its cost (ms) and activation size (millions of elements) over the grid of
-        its input and output groups, and the two folded through the calibration."""
         cins = self._choices(op.in_group if op.kind != "depthwise" else None, op.cin)
         couts = self._choices(op.out_group, op.cout)
         costs = np.empty((len(cins), len(couts)))
-        acts = np.empty_like(costs)
         for i, ci in enumerate(cins):
             for j, co in enumerate(couts):
                 d = {k: v for k, v in ((op.in_group, ci), (op.out_group, co)) if k}
-                sig = op.sig(d)
-                costs[i, j], acts[i, j] = self.op_cost(sig), activation_m(sig)
-        cal = self.calibration
-        combined = cal.scale * costs + cal.act_coef * acts if cal else costs
-        if cal is not None and cal.act_coef < 0:
-            # the (negative) activation correction must not make a wider op look cheaper:
-            # the action wall relies on costs that never fall as channels grow
-            combined = _monotone(combined, cins, couts, self._multiple)
+                costs[i, j] = self.op_cost(op.sig(d))
         in_group = op.in_group if op.kind != "depthwise" else None
         return (in_group, op.out_group, {c: i for i, c in enumerate(cins)},
-                {c: j for j, c in enumerate(couts)}, costs, acts, combined, op)
+                {c: j for j, c in enumerate(couts)}, costs, op)
 
     # ------------------------------------------------------------------ predict
-    def _per_op(self, policy: dict[str, int]):
-        """(raw ms, activations in millions, calibrated ms) of every op, in model order."""
+    def ops_ms(self, policy: Policy | dict[str, int]) -> list[float]:
+        """Per-op uncalibrated ms, in model order."""
         get = policy.get
-        cal = self.calibration
-        for in_group, out_group, ci_idx, co_idx, costs, acts, combined, op in self._compiled:
+        out = []
+        for in_group, out_group, ci_idx, co_idx, costs, op in self._compiled:
             i = ci_idx.get(get(in_group)) if in_group else 0
             j = co_idx.get(get(out_group)) if out_group else 0
             if i is None or j is None:  # off the grid: interpolate
-                sig = op.sig({k: get(k) for k in (in_group, out_group) if k})
-                ms, act = self.op_cost(sig), activation_m(sig)
-                yield ms, act, (cal.scale * ms + cal.act_coef * act if cal else ms), out_group
+                d = {k: get(k) for k in (in_group, out_group) if k}
+                out.append(self.op_cost(op.sig(d)))
             else:
-                yield costs[i, j], acts[i, j], combined[i, j], out_group
+                out.append(costs[i, j])
+        return out
 
-    def _merged(self, policy: Policy | dict[str, int]) -> dict[str, int]:
-        if isinstance(policy, Policy):
-            policy = policy.to_dict()
-        full = self._full_dict
-        return policy if len(policy) == len(full) else {**full, **policy}
-
-    def features(self, policy: Policy | dict[str, int]) -> tuple[float, float]:
-        """(sum of raw op ms, activation elements in millions): what calibration fits on."""
-        ms = act = 0.0
-        for m, a, _, _ in self._per_op(self._merged(policy)):
-            ms += m
-            act += a
-        return ms, act
+    def calibrate(self, ops_sum_ms: float) -> float:
+        return self.calibration.apply(ops_sum_ms) if self.calibration else ops_sum_ms
 
     def predict(self, policy: Policy | dict[str, int]) -> float:
         """Predicted whole-model latency in ms. Groups the policy does not name are full."""
-        total = 0.0
-        for _, _, calibrated, _ in self._per_op(self._merged(policy)):
-            total += calibrated
-        return float(total + (self.calibration.offset_ms if self.calibration else 0.0))
+        if isinstance(policy, Policy):
+            policy = policy.to_dict()
+        full = self._full_dict
+        merged = policy if len(policy) == len(full) else {**full, **policy}
+        return self.calibrate(float(sum(self.ops_ms(merged))))
 
     @property
     def _full_dict(self) -> dict[str, int]:
@@ -219,9 +188,13 @@ class LatencyPredictor:
     def group_costs(self, policy: Policy | dict[str, int]) -> dict[str, float]:
         """Calibrated ms attributed to each group (an op counts for the group pruning its
         outputs; ops with fixed outputs go under ``"<fixed>"``, with the calibration offset)."""
+        if isinstance(policy, Policy):
+            policy = policy.to_dict()
+        merged = {**self._full_dict, **policy}
+        scale = self.calibration.scale if self.calibration else 1.0
         out: dict[str, float] = defaultdict(float)
-        for _, _, calibrated, out_group in self._per_op(self._merged(policy)):
-            out[out_group or "<fixed>"] += calibrated
+        for ms, (_, out_group, *_rest) in zip(self.ops_ms(merged), self._compiled, strict=True):
+            out[out_group or "<fixed>"] += scale * ms
         out["<fixed>"] += self.calibration.offset_ms if self.calibration else 0.0
         return dict(out)
 

@@ -19,27 +19,17 @@ from .stats import LatencyStat
 TABLE_FORMAT = "autoprune-latency-table-v1"
 
 
-CALIBRATION_FORM = "scale*ops + act_coef*activations + offset"
-
-
 @dataclass(frozen=True)
 class Calibration:
-    """measured_ms ~= scale * (sum of per-op ms) + act_coef * (activation elements, millions)
-    + offset_ms, fitted on whole-model runs.
-
-    The activation term corrects what an op measured alone pays and the network does not:
-    layout reorders at its boundaries (onnxruntime's NCHW <-> NCHWc), proportional to the
-    op's input and output sizes. On ResNet-20/56 it raised Kendall tau from 0.91/0.88 to
-    0.95/0.92 on held-out policies (bench/README.md)."""
+    """measured_ms ~= scale * (sum of per-op ms) + offset_ms, fitted on whole-model runs."""
 
     scale: float
     offset_ms: float
     n: int
     fit_mean_abs_pct: float  # in-sample mean abs % error of the fit
-    act_coef: float = 0.0  # ms per million activation elements
 
-    def apply(self, ops_ms: float, act_m: float = 0.0) -> float:
-        return self.scale * ops_ms + self.act_coef * act_m + self.offset_ms
+    def apply(self, ops_ms: float) -> float:
+        return self.scale * ops_ms + self.offset_ms
 
 
 @dataclass
@@ -97,8 +87,7 @@ class LatencyTable:
                            "batch": self.batch, "created": self.created},
             "entries": {k: [v.median_ms, v.iqr_ms, v.n]
                         for k, v in sorted(self.entries.items())},
-            "calibration": {k: {"form": CALIBRATION_FORM, "scale": c.scale,
-                                "act_coef": c.act_coef, "offset_ms": c.offset_ms, "n": c.n,
+            "calibration": {k: {"scale": c.scale, "offset_ms": c.offset_ms, "n": c.n,
                                 "fit_mean_abs_pct": c.fit_mean_abs_pct}
                             for k, c in sorted(self.calibration.items())},
         }
@@ -124,11 +113,9 @@ class LatencyTable:
 
             for k in entries:
                 OpSig.from_key(k)  # every key must parse
-            # a fit of another form is dropped: profiling fits it again from the table
             calibration = {k: Calibration(float(c["scale"]), float(c["offset_ms"]), int(c["n"]),
-                                          float(c["fit_mean_abs_pct"]), float(c["act_coef"]))
-                           for k, c in d.get("calibration", {}).items()
-                           if c.get("form") == CALIBRATION_FORM}
+                                          float(c["fit_mean_abs_pct"]))
+                           for k, c in d.get("calibration", {}).items()}
             return cls(p["device"], p["runtime"], dict(p["versions"]), p["cpu"],
                        int(p["threads"]), int(p["batch"]), p["created"], entries, calibration,
                        path)
