@@ -164,9 +164,9 @@ def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int
     policies, weighting by 1/measured so the fit minimises relative error.
 
     (An extra term for activation sizes, correcting the layout reorders an op timed alone pays,
-    was tried here: it helped held-out ResNet ranking, but any negative weight on it made some
+    was tried: it improved held-out ranking on ResNets, but any negative weight on it made some
     op, such as the 1-channel stem, look cheaper as it widens, which the action wall cannot
-    allow, so it was dropped. bench/README.md has the figures.)"""
+    allow, so it was dropped.)"""
     space, table = setup.space, setup.table
     raw = setup.predictor(calibrated=False)
     policies = [space.full(), space.smallest(), *random_policies(space, n, seed=seed + 7919)]
