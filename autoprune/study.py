@@ -112,7 +112,7 @@ class Study:
             if json.loads(lock.read_text()).get("pid") == os.getpid():
                 lock.unlink()
         except (OSError, json.JSONDecodeError):
-            pass
+            pass  # already gone or unreadable: nothing of ours to release
 
     # ------------------------------------------------------------------ candidates
     @property

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class MissingEntry(UserError):
-    pass
+    """The table lacks an op (and the grid points to interpolate it from)."""
 
 
 class _Family:
