@@ -77,7 +77,8 @@ class EvolutionSearcher(Searcher):
             cand = ctx.evaluate(policy, trial.number)
             ctx.on_candidate(cand)
             trial.set_user_attr("policy", policy.to_dict())
-            trial.set_constraint("latency_over_budget_ms", cand.latency_ms - self.budget_ms)
+            if multi:  # only NSGA-II reads constraints (CMA-ES warns that it ignores them)
+                trial.set_constraint("latency_over_budget_ms", cand.latency_ms - self.budget_ms)
             return (cand.val_acc, cand.latency_ms) if multi else cand.val_acc
 
         done = sum(1 for t in study.trials if t.state == TrialState.COMPLETE)
