@@ -698,6 +698,15 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tables", help="folder of latency tables (default: latency_tables/)")
 
 
+def _device_command(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    """A subcommand that works on a model for a target device."""
+    p = sub.add_parser(name, help=help_)
+    _add_device_args(p)
+    _add_model_args(p)
+    _add_space_args(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoprune",
@@ -750,19 +759,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
 
-    p = sub.add_parser("measure", help="measure a whole model's latency on a target device")
-    _add_device_args(p)
-    _add_model_args(p)
-    _add_space_args(p)
+    p = _device_command(sub, "measure", "measure a whole model's latency on a target device")
     p.add_argument("--policy", help="prune with this policy JSON first")
     p.add_argument("--per-op", action="store_true", help="also print a per-kernel breakdown")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_measure)
 
-    p = sub.add_parser("profile", help="build the latency table of a model on a device")
-    _add_device_args(p)
-    _add_model_args(p)
-    _add_space_args(p)
+    p = _device_command(sub, "profile", "build the latency table of a model on a device")
     p.add_argument("--table", help="table path (default latency_tables/<device>/<model>.json)")
     p.add_argument("--rebuild", action="store_true", help="discard the existing table")
     p.add_argument("--calibrate", type=int, default=16,
@@ -775,19 +778,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("predict", help="predicted latency of a policy from a latency table")
-    _add_device_args(p)
-    _add_model_args(p)
-    _add_space_args(p)
+    p = _device_command(sub, "predict", "predicted latency of a policy from a latency table")
     p.add_argument("--policy", help="policy JSON (default: the unpruned model)")
     p.add_argument("--table", help="table path (default latency_tables/<device>/<model>.json)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("search", help="find the best pruning policy under a latency budget")
-    _add_device_args(p)
-    _add_model_args(p)
-    _add_space_args(p)
+    p = _device_command(sub, "search", "find the best pruning policy under a latency budget")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--latency-budget", type=float, metavar="F",
                    help="fraction of the unpruned model's predicted latency, in (0, 1]")
