@@ -28,7 +28,6 @@ class Loaded:
     spec: object  # ModelSpec
     data_spec: str
     input_shape: tuple
-    metrics: dict
     weights: Path | None
     policy: object | None  # the Policy a pruned checkpoint was cut with
 
@@ -90,8 +89,7 @@ def _resolve_model(args, *, need_weights: bool = False) -> Loaded:
     if ckpt is not None:
         load_state(model, ckpt["state_dict"], source=str(weights))
     model.eval()
-    return Loaded(model, spec, data_spec, input_shape, (ckpt or {}).get("metrics", {}),
-                  weights, policy)
+    return Loaded(model, spec, data_spec, input_shape, weights, policy)
 
 
 def _check_input(model, input_shape, spec) -> None:

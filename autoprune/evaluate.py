@@ -55,10 +55,6 @@ class Candidate:
         d["policy"] = Policy.from_dict(d["policy"])
         return cls(**d)
 
-    def with_origin(self, searcher: str, trial: int) -> Candidate:
-        return Candidate(self.policy, self.val_acc, self.latency_ms, self.macs, self.params,
-                         self.feasible, searcher, trial, self.eval_s)
-
 
 def resolve_budget(predictor, *, fraction: float | None = None,
                    ms: float | None = None) -> float:
@@ -128,9 +124,6 @@ class Evaluator:
         self.example = torch.zeros(space.input_shape)
         self.cache: dict[Policy, Candidate] = {}
         self.evaluations = 0  # how many were actually computed (not served from the cache)
-
-    def feasible(self, policy: Policy) -> bool:
-        return self.predictor.predict(policy) <= self.budget_ms * (1 + 1e-9)
 
     def evaluate(self, policy: Policy, *, searcher: str = "", trial: int = -1) -> Candidate:
         cached = self.cache.get(policy)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,6 @@ class SearchSpace:
     ignored_layers: tuple[str, ...] = ()
     spec_source: str = "<defaults>"
     family: str = "default"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -269,9 +268,6 @@ class SearchSpace:
         full.update(policy.to_dict())
         return Policy.from_dict(full)
 
-    def keep_fraction(self, policy: Policy) -> dict[str, float]:
-        return {g.name: policy[g.name] / g.channels for g in self.groups}
-
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -284,7 +280,7 @@ class SearchSpace:
                        for g in d["groups"])
         return cls(groups, tuple(d["input_shape"]), d["total_macs"], d["total_params"],
                    tuple(d.get("ignored_layers", ())), d.get("spec_source", "<defaults>"),
-                   d.get("family", "default"), dict(d.get("extra", {})))
+                   d.get("family", "default"))
 
 
 # ---------------------------------------------------------------------- discovery

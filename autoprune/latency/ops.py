@@ -53,12 +53,6 @@ class OpSig:
         """Everything but the channel counts: ops of one family share an interpolation grid."""
         return (self.kind, self.kernel, self.stride, self.padding, self.h, self.w, self.post)
 
-    def with_channels(self, cin: int, cout: int) -> OpSig:
-        if self.kind == "depthwise":
-            cin = cout = max(cin, cout) if cin != cout else cin
-        return OpSig(self.kind, cin, cout, self.kernel, self.stride, self.padding, self.h,
-                     self.w, self.post)
-
 
 @dataclass(frozen=True)
 class LayerOp:

@@ -110,7 +110,7 @@ class LatencyPredictor:
         self._raw_cache: dict[str, float] = {}
         # per op: (in group, out group, in choices, out choices, cost matrix)
         self._compiled = [self._compile(op) for op in ops]
-        self._group_index = {g.name: i for i, g in enumerate(space.groups)}
+        self._full_dict = space.full().to_dict()
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -177,13 +177,6 @@ class LatencyPredictor:
         full = self._full_dict
         merged = policy if len(policy) == len(full) else {**full, **policy}
         return self.calibrate(float(sum(self.ops_ms(merged))))
-
-    @property
-    def _full_dict(self) -> dict[str, int]:
-        d = getattr(self, "_full_cache", None)
-        if d is None:
-            d = self._full_cache = self.space.full().to_dict()
-        return d
 
     def group_costs(self, policy: Policy | dict[str, int]) -> dict[str, float]:
         """Calibrated ms attributed to each group (an op counts for the group pruning its

@@ -123,13 +123,13 @@ def make_agent_class():
 
         def __init__(self, *args, critic_lr: float = 1e-3, sigma: float = 0.5,
                      sigma_decay: float = 0.95, warmup_episodes: int = 10,
-                     episode_len: int = 1, baseline_alpha: float = 0.5, **kwargs):
+                     baseline_alpha: float = 0.5, **kwargs):
             self.critic_lr = critic_lr
             super().__init__(*args, **kwargs)
             # sigma is given in the [0, 1] action range; SB3 acts in the scaled [-1, 1] range
             self.sigma_scaled = 2.0 * sigma
             self.sigma_decay, self.warmup_episodes = sigma_decay, warmup_episodes
-            self.episode_len, self.baseline_alpha = episode_len, baseline_alpha
+            self.baseline_alpha = baseline_alpha
             self.baseline: float | None = None
             self.rng = np.random.default_rng(kwargs.get("seed") or 0)
             self._init_hooks()
@@ -266,7 +266,7 @@ class AMCSearcher(Searcher):
                         gamma=1.0, train_freq=(1, "episode"), gradient_steps=-1,
                         policy_kwargs={"net_arch": {"pi": [300, 300], "qf": [300, 300]}},
                         sigma=0.5, sigma_decay=0.95, warmup_episodes=self.warmup_episodes,
-                        episode_len=T, seed=self.seed, device="cpu", verbose=0)
+                        seed=self.seed, device="cpu", verbose=0)
         remaining = ctx.n_trials - agent.episodes_done
         if remaining <= 0:
             return

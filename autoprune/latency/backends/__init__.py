@@ -44,12 +44,11 @@ class Backend(abc.ABC):
     def measure_op(self, sig: OpSig) -> LatencyStat:
         """Latency of one op (layer + fused post-ops) in isolation."""
         module = OpModule(sig)
-        return self._measure_module(module, module.example_inputs(self.device.batch),
-                                    key=f"op:{sig.key}")
+        return self._measure_module(module, module.example_inputs(self.device.batch))
 
     @abc.abstractmethod
-    def _measure_module(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], *,
-                        key: str) -> LatencyStat:
+    def _measure_module(self, module: nn.Module,
+                        inputs: tuple[torch.Tensor, ...]) -> LatencyStat:
         """Compile/export ``module`` for ``inputs`` and time it."""
 
     @abc.abstractmethod

@@ -49,7 +49,7 @@ class OrtBackend(Backend):
     def _feeds(self, session, inputs):
         return {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
 
-    def _measure_module(self, module, inputs, *, key):
+    def _measure_module(self, module, inputs):
         path = Path(self._tmp.name) / "m.onnx"
         export_module(module, inputs, path)
         session = self.session(path)
@@ -58,7 +58,7 @@ class OrtBackend(Backend):
 
     def measure_model(self, model, input_shape) -> LatencyStat:
         x = torch.randn(self.device.batch, *input_shape[1:])
-        return self._measure_module(model, (x,), key="model")
+        return self._measure_module(model, (x,))
 
     def per_op(self, model, input_shape) -> dict[str, float]:
         """Per-node median ms from onnxruntime's profiler (after fusion: names are the

@@ -143,7 +143,7 @@ class TvmBackend(Backend):
             mods.append(self._relax_module(module, module.example_inputs(self.device.batch)))
         self._tune_missing(mods)
 
-    def compile(self, module, inputs, *, key: str = "", weights: bool = False) -> Path:
+    def compile(self, module, inputs, *, weights: bool = False) -> Path:
         """Build ``module`` for the target; return the path of the shared library (cached).
 
         ``weights=True`` makes the weights part of the cache key (for export: the library
@@ -207,8 +207,8 @@ class TvmBackend(Backend):
         return [o.numpy() for o in out]
 
     # ------------------------------------------------------------------ measure
-    def _measure_module(self, module, inputs, *, key):
-        vm = self.load(self.compile(module, inputs, key=key))
+    def _measure_module(self, module, inputs):
+        vm = self.load(self.compile(module, inputs))
         args = [self._tvm.runtime.tensor(x.numpy(), self.dev) for x in inputs]
         timer = vm.time_evaluator("main", self.dev, number=1, repeat=self.repeat,
                                   min_repeat_ms=self.min_repeat_ms)
@@ -218,7 +218,7 @@ class TvmBackend(Backend):
 
     def measure_model(self, model, input_shape) -> LatencyStat:
         x = torch.randn(self.device.batch, *input_shape[1:])
-        return self._measure_module(model, (x,), key="model")
+        return self._measure_module(model, (x,))
 
     def per_op(self, model, input_shape) -> dict[str, float]:
         """Per-kernel median ms via the VM's instrumentation hook (the VM profiler is gone in
@@ -249,7 +249,3 @@ class TvmBackend(Backend):
         return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?"),
                 "target": json.dumps(device.target, sort_keys=True),
                 "tuned": str(device.tuned), "torch": torch.__version__}
-
-
-def tvm_seq(tvm, passes):
-    return tvm.transform.Sequential(passes)
