@@ -130,11 +130,10 @@ def _build_space(loaded: Loaded, args):
 
 # --------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
-    import torch
 
     from .data import load_dataset
     from .models import ModelSpec, build_model, save_checkpoint
-    from .train import TrainConfig, evaluate, train
+    from .train import TrainConfig, evaluate, train_resumable
 
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                          batch_size=args.batch_size, seed=args.seed)
@@ -146,25 +145,10 @@ def cmd_train(args) -> int:
     model = build_model(spec)
     _check_input(model, data.input_shape, spec)
     model.train()
-    state_path = out.with_name(out.name + ".train-state")
-    resume = None
     run_key = {"model": spec.to_dict(), "data": args.data, "config": config.__dict__}
-    if state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        if saved.get("run_key") == run_key:
-            resume = saved["state"]
-            print(f"resuming training from epoch {resume['epoch']} ({state_path})")
-        else:
-            print(f"ignoring {state_path}: it belongs to a different training run")
-
-    def on_epoch_end(epoch, state):
-        from ._io import atomic_write
-
-        atomic_write(state_path, lambda tmp: torch.save({"run_key": run_key, "state": state},
-                                                        tmp))
-
-    history = train(model, data, config, progress=not args.quiet, resume_state=resume,
-                    on_epoch_end=on_epoch_end)
+    state_path = out.with_name(out.name + ".train-state")
+    history = train_resumable(model, data, config, state_path=state_path, run_key=run_key,
+                              progress=not args.quiet, announce=print)
     val_acc, test_acc = evaluate(model, data.val), evaluate(model, data.test)
     save_checkpoint(out, model, model_spec=spec, data_spec=args.data,
                     input_shape=data.input_shape,
@@ -571,6 +555,7 @@ def cmd_search(args) -> int:
     config = {
         "model": loaded.spec.to_dict(), "data": loaded.data_spec,
         "weights_sha256": file_sha256(loaded.weights) if loaded.weights else None,
+        "weights": str(loaded.weights.resolve()) if loaded.weights else None,
         "device": device.to_dict(), "budget": budget, "budget_ms": round(budget_ms, 9),
         "searcher": args.searcher, "searcher_options": searcher.options(), "seed": args.seed,
         "space": {"round_to": space.groups[0].round_to if space.groups else None,
@@ -661,6 +646,293 @@ def cmd_report(args) -> int:
         [(f"best ({best.searcher})", best), ("uniform", reference["uniform"]),
          ("unpruned", reference["unpruned"])], reference["unpruned"].latency_ms))
     console.print(", ".join(f"{k} {v}" for k, v in paths.items()))
+    return 0
+
+
+# --------------------------------------------------------------------------- after the search
+TOLERANCE = 1e-4  # max abs difference an exported model may show against PyTorch
+
+
+def _open_finished(args):
+    """A study with a finished search (a feasible best and its reference scores)."""
+    from .study import Study
+
+    study = Study.load(Path(args.runs) / args.study)
+    if study.best() is None or not (study.root / "reference.json").is_file():
+        raise UserError(f"study {args.study!r} has no finished search yet; run `autoprune "
+                        f"search --study {args.study}` (with its original options) first")
+    return study
+
+
+def _study_device(study):
+    from .latency.devices import TargetDevice
+
+    d = dict(study.config["device"])
+    return TargetDevice.from_dict(d.pop("name"), d, source=f"study {study.root.name!r}")
+
+
+def _study_base(study, args) -> Loaded:
+    """The unpruned checkpoint a study searched: ``--weights`` or the path it recorded, checked
+    against the weights hash frozen in its config."""
+    from .models import file_sha256
+
+    cfg = study.config
+    path = Path(args.weights) if args.weights else Path(cfg.get("weights") or DEFAULT_WEIGHTS)
+    if not path.is_file():
+        raise UserError(f"the base checkpoint of study {study.root.name!r} ({str(path)!r}) is "
+                        "missing; pass the checkpoint it searched with `--weights`")
+    if file_sha256(path) != cfg.get("weights_sha256"):
+        raise UserError(f"{str(path)!r} is not the checkpoint study {study.root.name!r} "
+                        "searched (its sha256 differs); pass the original with `--weights`")
+    ns = argparse.Namespace(model=cfg["model"]["name"], weights=str(path), data=cfg["data"])
+    loaded = _resolve_model(ns, need_weights=True)
+    if loaded.policy is not None:  # pragma: no cover - search refuses pruned checkpoints
+        raise UserError(f"{str(path)!r} is pruned; pass the unpruned checkpoint")
+    return loaded
+
+
+def _study_policy(study, path: str):
+    """A policy file checked against the study's model (its groups and their widths)."""
+    from .policy import Policy
+
+    policy = Policy.load(path)
+    groups = study.config["space"]["groups"]
+    unknown = [g for g in policy if g not in groups]
+    if unknown:
+        raise UserError(f"policy file {path!r} names group {unknown[0]!r}, which study "
+                        f"{study.root.name!r}'s model ({study.config['model']['name']}) does "
+                        "not have; pass a policy of this study (best_policy.json, pareto.json "
+                        "points)")
+    return policy
+
+
+def _prune_for_study(study, base: Loaded, policy, data):
+    """The policy's pruned model as the search scored it: same importance criterion, BN
+    statistics re-estimated on training batches when the search did so."""
+    from .evaluate import recalibrate_bn
+    from .prune import apply_policy
+
+    ev = study.config["evaluator"]
+    pruned = apply_policy(base.model, policy, importance=ev["importance"],
+                          example_input=base.example_input())
+    if ev.get("adaptive_bn", True):
+        recalibrate_bn(pruned, data.train, batches=ev.get("bn_batches", 10), batch_size=128,
+                       seed=study.config["seed"])
+    return pruned.eval()
+
+
+def cmd_finetune(args) -> int:
+    from .models import read_checkpoint, save_checkpoint
+    from .train import TrainConfig, evaluate, train_resumable
+
+    study = _open_finished(args)
+    if args.policy:
+        policy, tag = _study_policy(study, args.policy), Path(args.policy).stem
+    else:
+        policy, tag = study.best().policy, "best"
+    out = Path(args.out) if args.out else study.root / "finetune" / f"{tag}.pt"
+    _check_writable(out)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, seed=args.seed,
+                         kd_alpha=args.kd_alpha if args.distill else 0.0,
+                         kd_temperature=args.kd_temperature)
+    base = _study_base(study, args)
+    run_key = {"study": study.root.name, "policy": policy.to_dict(),
+               "base_sha256": study.config["weights_sha256"], "config": dict(config.__dict__),
+               "distill": bool(args.distill)}
+    if out.is_file() and not args.force:
+        done = read_checkpoint(out)
+        if (done.get("extra") or {}).get("run_key") == run_key:
+            m = done["metrics"]
+            print(f"already fine-tuned: {out} (val accuracy {m['val_acc_before'] * 100:.2f}% "
+                  f"-> {m['val_acc'] * 100:.2f}%); pass `--force` to train it again")
+            return 0
+    data = _load_data(base)
+    pruned = _prune_for_study(study, base, policy, data)
+    val_before = evaluate(pruned, data.val)
+    state_path = out.with_name(out.name + ".train-state")
+    history = train_resumable(pruned, data, config, state_path=state_path, run_key=run_key,
+                              teacher=base.model if args.distill else None,
+                              progress=not args.quiet, announce=print)
+    pruned.eval()
+    val_after = evaluate(pruned, data.val)
+    save_checkpoint(out, pruned, model_spec=base.spec, data_spec=base.data_spec,
+                    input_shape=base.input_shape,
+                    metrics={"val_acc": val_after, "val_acc_before": val_before},
+                    extra={"policy": policy.to_dict(), "study": study.root.name,
+                           "base_sha256": study.config["weights_sha256"],
+                           "finetune": {**config.__dict__, "distill": bool(args.distill)},
+                           "history": history, "run_key": run_key})
+    state_path.unlink(missing_ok=True)
+    if args.json:
+        print(json.dumps({"checkpoint": str(out), "policy": policy.to_dict(),
+                          "val_acc_before": val_before, "val_acc": val_after,
+                          "epochs": args.epochs, "distill": bool(args.distill)}, indent=2))
+        return 0
+    print(f"fine-tuned {tag} policy of study {study.root.name} for {args.epochs} epoch(s)"
+          + (" with distillation from the unpruned model" if args.distill else ""))
+    print(f"val accuracy {val_before * 100:.2f}% -> {val_after * 100:.2f}% "
+          f"({len(data.val)} images)")
+    print(f"checkpoint {out}")
+    return 0
+
+
+FORMATS = ("onnx", "tvm", "torch")
+
+
+def cmd_export(args) -> int:
+    import tempfile
+
+    import torch
+
+    from .count import count_macs, count_params
+    from .export import (
+        check_onnx,
+        check_torch_program,
+        export_onnx,
+        export_torch_program,
+        export_tvm,
+        tvm_export_device,
+    )
+    from .models import read_checkpoint, save_checkpoint
+    from .report import build_report, measure_pair, rows, write_report
+    from .train import evaluate
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"`--format` takes a comma-separated list of {', '.join(FORMATS)}, got "
+                        f"{args.format!r}")
+    study = _open_finished(args)
+    out_dir = Path(args.out) if args.out else study.root / "export"
+    _check_writable(out_dir / "report.json")
+    device = _study_device(study)
+    base = _study_base(study, args)
+    data = _load_data(base)
+    name = study.root.name
+
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else study.root / "finetune" / "best.pt"
+    finetune = None
+    if ckpt_path.is_file():
+        ckpt = read_checkpoint(ckpt_path)
+        extra = ckpt.get("extra") or {}
+        if extra.get("base_sha256") != study.config["weights_sha256"] or not extra.get("policy"):
+            raise UserError(f"{str(ckpt_path)!r} was not fine-tuned from study {name!r}'s base "
+                            "model; pass a checkpoint written by `autoprune finetune --study "
+                            f"{name}`")
+        tuned = _resolve_model(argparse.Namespace(model=None, weights=str(ckpt_path),
+                                                  data=None), need_weights=True)
+        policy, pruned = tuned.policy, tuned.model
+        ft = extra.get("finetune") or {}
+        finetune = {"checkpoint": str(ckpt_path), "epochs": ft.get("epochs"),
+                    "distill": bool(ft.get("distill")), "val_acc": ckpt["metrics"].get("val_acc")}
+    elif args.checkpoint:
+        raise UserError(f"checkpoint {args.checkpoint!r} not found; check `--checkpoint`")
+    else:
+        policy = study.best().policy
+        pruned = None
+        print(f"note: study {name} has no fine-tuned model ({ckpt_path}); exporting the pruned "
+              "model as the search scored it. Run `autoprune finetune --study "
+              f"{name} --epochs N --distill` first for a deployable accuracy.")
+    before = _prune_for_study(study, base, policy, data)
+    pruned = before if pruned is None else pruned.eval()
+    logged = {c.policy: c for c in study.candidates}
+    cand = logged.get(policy)
+
+    batch = device.batch
+    example = torch.zeros(batch, *base.input_shape[1:])
+    check_x = data.test.x[:max(64, batch)]
+    artefacts: dict = {}
+    failures = []
+
+    def note(key, entry):
+        entry["bytes"] = Path(entry["path"]).stat().st_size
+        artefacts[key] = entry
+        diff = entry.get("max_abs_diff")
+        if diff is not None and not diff <= TOLERANCE:
+            failures.append(f"{key} differs from PyTorch by {diff:.2e} (> {TOLERANCE:g})")
+
+    console = _console()
+    if "onnx" in formats:
+        with console.status("exporting ONNX"):
+            path = export_onnx(pruned, example, out_dir / "model.onnx",
+                               dynamic_batch=not args.static_batch)
+            note("onnx", {"path": str(path), "dynamic_batch": not args.static_batch,
+                          "max_abs_diff": check_onnx(path, pruned, check_x,
+                                                     batch=batch if args.static_batch
+                                                     else None)})
+    if "tvm" in formats:
+        tdev = tvm_export_device(device)
+        with console.status(f"compiling for TVM target {json.dumps(tdev.target)}"):
+            entry = export_tvm(pruned, example, out_dir / "model.so", tdev,
+                               tuning_dir=_tables_root(args) / device.name / "tuning",
+                               check_inputs=check_x)
+        note("tvm", entry)
+    if "torch" in formats:
+        path = save_checkpoint(out_dir / "model.pt", pruned, model_spec=base.spec,
+                               data_spec=base.data_spec, input_shape=base.input_shape,
+                               metrics={} if finetune is None else {"val_acc":
+                                                                    finetune["val_acc"]},
+                               extra={"policy": policy.to_dict(), "study": name,
+                                      "base_sha256": study.config["weights_sha256"]})
+        rebuilt = _resolve_model(argparse.Namespace(model=None, weights=str(path), data=None),
+                                 need_weights=True).model
+        with torch.no_grad():
+            diff = float((rebuilt(check_x) - pruned(check_x)).abs().max())
+        note("torch", {"path": str(path), "max_abs_diff": diff,
+                       "rebuild": "autoprune.models: read_checkpoint + build_model + "
+                                  "apply_policy + load_state (no pickled code)"})
+        path = export_torch_program(pruned, example, out_dir / "model.pt2",
+                                    dynamic_batch=not args.static_batch)
+        note("torch_export", {"path": str(path), "dynamic_batch": not args.static_batch,
+                              "max_abs_diff": check_torch_program(path, pruned, check_x)})
+
+    with console.status(f"measuring unpruned and pruned on {device.name}"), \
+            _backend(device, args) as backend:
+        lat_u, lat_p = measure_pair(backend, base.model, pruned, base.input_shape,
+                                    rounds=args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = {}
+        for key, model in (("unpruned", base.model), ("pruned", pruned)):
+            sizes[key] = export_onnx(model, example, Path(tmp) / f"{key}.onnx").stat().st_size
+    ref = json.loads((study.root / "reference.json").read_text())
+    x = base.example_input()
+    unpruned = {"latency": lat_u, "predicted_ms": ref["unpruned"]["latency_ms"],
+                "macs": count_macs(base.model, x), "params": count_params(base.model),
+                "onnx_bytes": sizes["unpruned"], "test_acc": evaluate(base.model, data.test)}
+    pruned_d = {"latency": lat_p, "predicted_ms": cand.latency_ms if cand else None,
+                "val_acc_search": cand.val_acc if cand else None,
+                "macs": count_macs(pruned, x), "params": count_params(pruned),
+                "onnx_bytes": sizes["pruned"],
+                "test_acc_before_finetune": evaluate(before, data.test),
+                "test_acc_after_finetune": None if finetune is None
+                else evaluate(pruned, data.test)}
+    report = build_report(study=name, device=study.config["device"],
+                          budget_ms=study.config["budget_ms"], policy=policy.to_dict(),
+                          searcher=cand.searcher if cand else None, unpruned=unpruned,
+                          pruned=pruned_d, artefacts=artefacts, finetune=finetune)
+    json_path, md_path = write_report(report, out_dir)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"study {name} on {device.name}: unpruned vs pruned (measured)")
+        for col in ("", "unpruned", "pruned"):
+            table.add_column(col, justify="left" if not col else "right")
+        for row in rows(report):
+            table.add_row(*row)
+        console.print(table)
+        for key, a in artefacts.items():
+            diff = a.get("max_abs_diff")
+            check = f"max abs diff {diff:.2e}" if diff is not None else \
+                f"not checked: {a.get('unchecked')}"
+            console.print(f"{key:13s} {a['path']} ({a['bytes']:,} bytes; {check})")
+        console.print(f"report       {json_path} and {md_path}")
+    if failures:
+        print("autoprune: error: " + "; ".join(failures) + " (an export bug: please report it)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -808,6 +1080,45 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("l1", "l2", "bn-scale", "fpgm", "random"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("finetune", help="fine-tune a study's best (or any) pruned policy")
+    p.add_argument("--study", required=True)
+    p.add_argument("--runs", default="runs", help="folder of study folders")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--distill", action="store_true",
+                   help="distil from the unpruned model (soft targets)")
+    p.add_argument("--kd-alpha", type=float, default=0.9, help="weight of the distillation term")
+    p.add_argument("--kd-temperature", type=float, default=4.0)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", help="fine-tune this policy JSON (e.g. a Pareto point) instead "
+                   "of the study's best")
+    p.add_argument("--weights", help="the study's base checkpoint, if it has moved")
+    p.add_argument("--out", help="checkpoint to write (default runs/<study>/finetune/<policy>.pt)")
+    p.add_argument("--force", action="store_true", help="train again even if already done")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="export a study's pruned model and a measured report")
+    p.add_argument("--study", required=True)
+    p.add_argument("--runs", default="runs", help="folder of study folders")
+    p.add_argument("--format", default="onnx,tvm,torch",
+                   help="comma-separated: onnx, tvm, torch (default all three)")
+    p.add_argument("--out", help="output folder (default runs/<study>/export)")
+    p.add_argument("--checkpoint", help="fine-tuned checkpoint to export (default "
+                   "runs/<study>/finetune/best.pt, else the unfine-tuned best policy)")
+    p.add_argument("--static-batch", action="store_true",
+                   help="fix the batch size (the device's) in ONNX and torch.export")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    p.add_argument("--weights", help="the study's base checkpoint, if it has moved")
+    p.add_argument("--tables", help="folder of latency tables (TVM tuning databases)")
+    p.add_argument("--trials-per-task", type=int,
+                   help="MetaSchedule trials per task for a tuned TVM device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="a study's summary table and Pareto plot")
     p.add_argument("--study", required=True)

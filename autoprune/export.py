@@ -52,10 +52,96 @@ def onnxruntime_session(path: str | Path, *, threads: int = 1,
     return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
 
 
-def check_onnx(path: str | Path, model: nn.Module, inputs: torch.Tensor) -> float:
-    """Max abs difference between onnxruntime and PyTorch on ``inputs``."""
+def check_onnx(path: str | Path, model: nn.Module, inputs: torch.Tensor, *,
+               batch: int | None = None) -> float:
+    """Max abs difference between onnxruntime and PyTorch on ``inputs`` (in chunks of
+    ``batch`` for a model exported with a fixed batch size)."""
     session = onnxruntime_session(path)
-    got = session.run(None, {"input": inputs.numpy()})[0]
+    step = batch or len(inputs)
+    worst = 0.0
     with torch.no_grad():
-        want = model.eval()(inputs).numpy()
-    return float(np.abs(got - want).max())
+        for i in range(0, len(inputs) - step + 1, step):
+            x = inputs[i:i + step]
+            got = session.run(None, {"input": x.numpy()})[0]
+            worst = max(worst, float(np.abs(got - model.eval()(x).numpy()).max()))
+    return worst
+
+
+# ---------------------------------------------------------------------------- TVM
+def tvm_export_device(device):
+    """The device a TVM library is compiled for: the study's own TVM device, or, for an
+    onnxruntime device, this host's llvm target with the device's threads (untuned)."""
+    from dataclasses import replace
+
+    if device.runtime == "tvm":
+        return device
+    if device.is_cuda:
+        return replace(device, name=f"{device.name}:tvm", runtime="tvm", provider=None,
+                       target={"kind": "cuda"}, tuning={})
+    return replace(device, name=f"{device.name}:tvm", runtime="tvm", provider=None,
+                   target={"kind": "llvm", "num-cores": device.threads}, tuning={})
+
+
+def export_tvm(model: nn.Module, example_input: torch.Tensor, path: str | Path, device, *,
+               tuning_dir: str | Path | None = None, check_inputs: torch.Tensor | None = None
+               ) -> dict:
+    """Compile ``model`` (weights embedded) for ``device``'s target with ``export_library``
+    and, where the device can run it (here, or over RPC when reachable), reload the library
+    and compare it with PyTorch on ``check_inputs`` (batch by batch of the device's size).
+
+    Returns ``{"path", "target", "max_abs_diff"}``; ``max_abs_diff`` is None, with ``unchecked``
+    saying why, when the remote device cannot be reached (the library is still written)."""
+    import shutil
+
+    from .latency.backends.tvm import TvmBackend
+
+    out: dict = {"path": str(path), "target": device.target}
+    try:
+        backend = TvmBackend(device, tuning_dir=tuning_dir)
+    except UserError as e:
+        if device.remote is None:
+            raise
+        backend = TvmBackend(device, tuning_dir=tuning_dir, connect=False)
+        out["unchecked"] = str(e)
+    with backend:
+        lib = backend.compile(model.eval(), (example_input,), weights=True)
+        atomic_write(path, lambda tmp: shutil.copyfile(lib, tmp))
+        out["max_abs_diff"] = None
+        if "unchecked" not in out and check_inputs is not None:
+            vm = backend.load(Path(path))
+            b = example_input.shape[0]
+            worst = 0.0
+            with torch.no_grad():
+                for i in range(0, len(check_inputs) - b + 1, b):
+                    x = check_inputs[i:i + b]
+                    got = backend.run(vm, (x,))[0]
+                    worst = max(worst, float(np.abs(got - model(x).numpy()).max()))
+            out["max_abs_diff"] = worst
+    return out
+
+
+# ---------------------------------------------------------------------------- torch
+def export_torch_program(model: nn.Module, example_input: torch.Tensor, path: str | Path, *,
+                         dynamic_batch: bool = True) -> Path:
+    """A ``torch.export`` program (``.pt2``): loads with ``torch.export.load`` and runs
+    without autoprune or the model's source code."""
+    model = model.eval()
+    shapes = None
+    x = example_input
+    if dynamic_batch:
+        # a batch of 1 would be specialised as a constant: trace with 2
+        x = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+        shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+
+
+def check_torch_program(path: str | Path, model: nn.Module, inputs: torch.Tensor) -> float:
+    """Max abs difference between the saved ``torch.export`` program and ``model``."""
+    program = torch.export.load(str(path))
+    with torch.no_grad():
+        got = program.module()(inputs)
+        want = model.eval()(inputs)
+    return float((got - want).abs().max())

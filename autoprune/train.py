@@ -158,3 +158,37 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "epoch": epoch + 1, "history": history}))
     return history
+
+
+def train_resumable(model: nn.Module, data: Dataset, config: TrainConfig, *,
+                    state_path, run_key: dict[str, Any], teacher: nn.Module | None = None,
+                    progress: bool = False,
+                    announce: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """``train`` with a state file written after every epoch (atomically), so a killed run
+    continues from its last finished epoch. The state belongs to ``run_key`` (what is being
+    trained and how): a state of another run is ignored, never resumed. The caller removes the
+    state file once the trained model is saved (not before: a kill in between loses nothing)."""
+    from pathlib import Path
+
+    from ._io import atomic_write
+
+    state_path = Path(state_path)
+    resume = None
+    if state_path.is_file():
+        try:
+            saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign file: start over rather than crash
+            saved = {}
+        if isinstance(saved, dict) and saved.get("run_key") == run_key:
+            resume = saved["state"]
+            announce(f"resuming training from epoch {resume['epoch']} ({state_path})")
+        else:
+            announce(f"ignoring {state_path}: it belongs to a different training run")
+
+    def on_epoch_end(epoch: int, state: dict[str, Any]) -> None:
+        atomic_write(state_path, lambda tmp: torch.save({"run_key": run_key, "state": state},
+                                                        tmp))
+
+    history = train(model, data, config, teacher=teacher, progress=progress,
+                    resume_state=resume, on_epoch_end=on_epoch_end)
+    return history

@@ -39,7 +39,9 @@ BUILDER_TIMEOUT_S = 300  # the default 30 s is shorter than the builder worker's
 class TvmBackend(Backend):
     def __init__(self, device, *, tuning_dir: str | Path | None = None,
                  trials_per_task: int | None = None, repeat: int = 30,
-                 min_repeat_ms: int = 10, rpc_timeout_s: int = 600):
+                 min_repeat_ms: int = 10, rpc_timeout_s: int = 600, connect: bool = True):
+        """``connect=False`` (a remote device only): compile for it without an RPC session,
+        e.g. to export a cross-compiled library while the board is unreachable."""
         super().__init__(device)
         import tvm
 
@@ -52,9 +54,11 @@ class TvmBackend(Backend):
             LATENCY_TABLES_DIR / device.name / "tuning"
         self._remote = None
         if device.remote is not None:
-            self._remote = self._connect(rpc_timeout_s)
-            self.dev = self._remote.cpu() if device.target.get("kind") != "cuda" \
-                else self._remote.cuda()
+            self.dev = None
+            if connect:
+                self._remote = self._connect(rpc_timeout_s)
+                self.dev = self._remote.cpu() if device.target.get("kind") != "cuda" \
+                    else self._remote.cuda()
         else:
             self.dev = tvm.cuda(0) if device.target.get("kind") == "cuda" else tvm.cpu(0)
             config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)

@@ -1,0 +1,125 @@
+"""The measured report of an export: unpruned vs pruned on the study's target device.
+
+Latency is *measured* (not predicted) on the device, in alternating rounds (unpruned, pruned,
+unpruned, ...) so both models see the same machine state; each model's figure is the median of
+its round medians, with the median IQR. The predicted latencies the search used sit beside the
+measured ones, so a reader sees how far the predictor was off.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write, write_json
+from .latency.stats import LatencyStat
+
+
+def measure_pair(backend, unpruned, pruned, input_shape, *, rounds: int = 3
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Alternate whole-model measurements of two models; returns one summary for each."""
+    runs: dict[str, list[LatencyStat]] = {"unpruned": [], "pruned": []}
+    for _ in range(rounds):
+        runs["unpruned"].append(backend.measure_model(unpruned, input_shape))
+        runs["pruned"].append(backend.measure_model(pruned, input_shape))
+
+    def summary(stats: list[LatencyStat]) -> dict[str, Any]:
+        return {"median_ms": statistics.median(s.median_ms for s in stats),
+                "iqr_ms": statistics.median(s.iqr_ms for s in stats),
+                "n": sum(s.n for s in stats), "rounds_ms": [s.median_ms for s in stats]}
+
+    return summary(runs["unpruned"]), summary(runs["pruned"])
+
+
+def build_report(*, study: str, device: dict[str, Any], budget_ms: float, policy: dict,
+                 searcher: str | None, unpruned: dict[str, Any], pruned: dict[str, Any],
+                 artefacts: dict[str, Any], finetune: dict[str, Any] | None) -> dict[str, Any]:
+    """Assemble report.json. ``unpruned``/``pruned``: latency (from ``measure_pair``),
+    predicted_ms, macs, params, onnx_bytes, and test accuracies."""
+    measured = unpruned["latency"]["median_ms"] / pruned["latency"]["median_ms"]
+    predicted = None
+    if unpruned.get("predicted_ms") and pruned.get("predicted_ms"):
+        predicted = unpruned["predicted_ms"] / pruned["predicted_ms"]
+    budget_fraction = budget_ms / unpruned["predicted_ms"] if unpruned.get("predicted_ms") \
+        else None
+    measured_fraction = pruned["latency"]["median_ms"] / unpruned["latency"]["median_ms"]
+    return {
+        "study": study, "device": device, "policy": policy, "searcher": searcher,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "budget": {"ms_predicted": budget_ms, "fraction": budget_fraction,
+                   "measured_fraction": measured_fraction,
+                   # the budget is a fraction of the unpruned latency: held when the measured
+                   # ratio is within it (5% slack for run-to-run noise, as the benchmark allows)
+                   "met_measured": budget_fraction is not None
+                   and measured_fraction <= budget_fraction * 1.05},
+        "unpruned": unpruned, "pruned": pruned,
+        "speedup": {"measured": measured, "predicted": predicted,
+                    "error_pct": None if predicted is None
+                    else (predicted - measured) / measured * 100},
+        "artefacts": artefacts, "finetune": finetune,
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 100:.2f}%"
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(quantity, unpruned, pruned) rows shared by the console table and report.md."""
+    u, p = report["unpruned"], report["pruned"]
+
+    def lat(d):
+        return f"{d['latency']['median_ms']:.4f} ms (IQR {d['latency']['iqr_ms']:.4f})"
+
+    def pred(d):
+        return "n/a" if d.get("predicted_ms") is None else f"{d['predicted_ms']:.4f} ms"
+
+    sp = report["speedup"]
+    return [
+        ("latency, measured (median)", lat(u), lat(p)),
+        ("latency, predicted", pred(u), pred(p)),
+        ("speedup, measured", "1.00x", f"{sp['measured']:.2f}x"),
+        ("speedup, predicted", "1.00x",
+         "n/a" if sp["predicted"] is None else f"{sp['predicted']:.2f}x"),
+        ("MACs", f"{u['macs']:,}", f"{p['macs']:,}"),
+        ("params", f"{u['params']:,}", f"{p['params']:,}"),
+        ("ONNX file size", f"{u['onnx_bytes']:,} B", f"{p['onnx_bytes']:,} B"),
+        ("test accuracy, before fine-tune", _pct(u["test_acc"]),
+         _pct(p["test_acc_before_finetune"])),
+        ("test accuracy, after fine-tune", _pct(u["test_acc"]),
+         _pct(p["test_acc_after_finetune"])),
+    ]
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    json_path = write_json(out_dir / "report.json", report)
+    dev = report["device"]
+    lines = [f"# autoprune report: study `{report['study']}`", "",
+             f"Target device `{dev['name']}` ({dev['runtime']}, {dev['threads']} thread(s), "
+             f"batch {dev['batch']}); budget {report['budget']['ms_predicted']:.4f} ms "
+             "predicted"
+             + (f" ({report['budget']['fraction']:.2f} of unpruned)"
+                if report["budget"]["fraction"] else "")
+             + f"; policy from `{report['searcher'] or 'a policy file'}`; "
+             f"written {report['created']}.", "",
+             "| | unpruned | pruned |", "|---|---:|---:|"]
+    lines += [f"| {q} | {a} | {b} |" for q, a, b in rows(report)]
+    ft = report["finetune"]
+    lines += ["", "Fine-tune: " + ("none (the pruned weights with re-estimated BatchNorm "
+                                   "statistics; run `autoprune finetune`)" if ft is None else
+                                   f"{ft['epochs']} epoch(s)"
+                                   + (", distilled from the unpruned model" if ft["distill"]
+                                      else "") + f", `{ft['checkpoint']}`"),
+              "", "| artefact | file | bytes | max abs diff vs PyTorch |", "|---|---|---:|---:|"]
+    for name, a in report["artefacts"].items():
+        diff = a.get("max_abs_diff")
+        shown = f"{diff:.2e}" if diff is not None else f"not checked ({a.get('unchecked', '')})"
+        lines.append(f"| {name} | `{Path(a['path']).name}` | {a['bytes']:,} | {shown} |")
+    lines += ["", "Latency is measured on the device in alternating rounds (median of round "
+              "medians); the predicted figures are the latency table's, as the search saw "
+              "them. Accuracy is on the test split, which the search never sees."]
+    md_path = atomic_write(out_dir / "report.md",
+                           lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return json_path, md_path

@@ -1,0 +1,178 @@
+"""Fine-tune, export and the measured report: the CLI chain search -> finetune -> export on a
+tiny model (ResNet-20 on digits), each artefact round-tripped with its own runtime."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import ROOT, assert_user_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def chain(digits_ckpt, tmp_path_factory):
+    """search (random, 6 candidates) -> finetune --distill -> export onnx,tvm,torch."""
+    root = tmp_path_factory.mktemp("chain")
+    tables, runs = root / "tables", root / "runs"
+    run_cli("search", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables", tables,
+            "--latency-budget", "0.7", "--searcher", "random", "--trials", "6", "--study", "s",
+            "--runs", runs, "--val-images", "200", "--quiet", check=True)
+    ft = run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "4", "--distill",
+                 "--quiet", "--json", check=True)
+    ex = run_cli("export", "--study", "s", "--runs", runs, "--tables", tables,
+                 "--format", "onnx,tvm,torch", "--json", check=True)
+    return {"root": root, "runs": runs, "tables": tables, "ckpt": digits_ckpt,
+            "finetune": json.loads(ft.stdout), "report": json.loads(ex.stdout)}
+
+
+def test_finetune_improves_the_pruned_model(chain):
+    ft = chain["finetune"]
+    assert ft["val_acc"] > ft["val_acc_before"] + 0.05
+    best = json.loads((chain["runs"] / "s" / "best_policy.json").read_text())
+    assert ft["policy"] == best["channels"]
+    # a second run with the same options is already done: nothing is trained again
+    again = run_cli("finetune", "--study", "s", "--runs", chain["runs"], "--epochs", "4",
+                    "--distill", "--quiet", check=True)
+    assert "already fine-tuned" in again.stdout
+
+
+def _rebuilt(path):
+    """The exported torch checkpoint rebuilt from its spec + policy (no pickled modules)."""
+    from autoprune.models import ModelSpec, build_model, load_state, read_checkpoint
+    from autoprune.policy import Policy
+    from autoprune.prune import apply_policy
+
+    ckpt = read_checkpoint(path)
+    model = build_model(ModelSpec.from_dict(ckpt["model"]))
+    model = apply_policy(model, Policy.from_dict(ckpt["extra"]["policy"]),
+                         example_input=torch.zeros(ckpt["input_shape"]))
+    load_state(model, ckpt["state_dict"], source=str(path))
+    return model.eval()
+
+
+def test_each_export_format_round_trips(chain, digits):
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    out = chain["runs"] / "s" / "export"
+    model = _rebuilt(out / "model.pt")
+    x = digits.test.x[:32]
+    with torch.no_grad():
+        want = model(x).numpy()
+    # the torch checkpoint holds the fine-tuned weights, not the pruned-only ones
+    ft = torch.load(chain["runs"] / "s" / "finetune" / "best.pt", weights_only=True)
+    for k, v in ft["state_dict"].items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]  # dynamic batch: all 32 at once
+    assert np.abs(got - want).max() <= 1e-4
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())
+    for i in range(4):  # compiled for the device's batch (1)
+        got = vm["main"](tvm.runtime.tensor(x[i:i + 1].numpy()))[0]  # outputs: a tuple
+        assert np.abs(got.numpy() - want[i:i + 1]).max() <= 1e-4
+
+    program = torch.export.load(str(out / "model.pt2"))
+    with torch.no_grad():
+        got = program.module()(x).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_report_fields_are_present_and_consistent(chain):
+    r = chain["report"]
+    out = chain["runs"] / "s" / "export"
+    assert json.loads((out / "report.json").read_text()) == r
+    u, p = r["unpruned"], r["pruned"]
+    for side in (u, p):
+        lat = side["latency"]
+        assert lat["median_ms"] > 0 and lat["iqr_ms"] >= 0 and lat["n"] >= 3
+        assert len(lat["rounds_ms"]) == 3
+    assert r["speedup"]["measured"] == pytest.approx(u["latency"]["median_ms"]
+                                                     / p["latency"]["median_ms"])
+    best = json.loads((chain["runs"] / "s" / "best_policy.json").read_text())
+    assert r["policy"] == best["channels"]
+    assert p["predicted_ms"] == pytest.approx(best["latency_ms"])
+    assert r["speedup"]["predicted"] == pytest.approx(u["predicted_ms"] / p["predicted_ms"])
+    assert p["macs"] < u["macs"] and p["params"] < u["params"]
+    assert p["onnx_bytes"] < u["onnx_bytes"]
+    for acc in (u["test_acc"], p["test_acc_before_finetune"], p["test_acc_after_finetune"]):
+        assert 0.0 <= acc <= 1.0
+    assert p["test_acc_after_finetune"] > p["test_acc_before_finetune"]
+    assert r["finetune"]["epochs"] == 4 and r["finetune"]["distill"] is True
+    assert set(r["artefacts"]) == {"onnx", "tvm", "torch", "torch_export"}
+    for a in r["artefacts"].values():
+        assert a["max_abs_diff"] <= 1e-4
+        assert os.path.getsize(a["path"]) == a["bytes"]
+    md = (out / "report.md").read_text()
+    for needle in ("latency, measured", "speedup, predicted", "test accuracy, after fine-tune",
+                   "model.onnx", "model.so", "model.pt2"):
+        assert needle in md
+
+
+def test_finetune_resumes_after_sigkill(chain):
+    runs = chain["runs"]
+    args = [sys.executable, "-m", "autoprune.cli", "--threads", "1", "finetune", "--study", "s",
+            "--runs", str(runs), "--epochs", "8", "--out", str(runs / "k.pt"), "--quiet"]
+    state = runs / "k.pt.train-state"
+    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not state.is_file():
+        assert proc.poll() is None, "fine-tune ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (runs / "k.pt").exists()
+    done = torch.load(state, weights_only=True)["state"]["epoch"]
+    assert 1 <= done < 8
+    resumed = run_cli(*args[3:], check=True)
+    assert f"resuming training from epoch {done}" in resumed.stdout
+    ckpt = torch.load(runs / "k.pt", weights_only=True)
+    assert len(ckpt["extra"]["history"]["val_acc"]) == 8
+    assert not state.exists()
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_bad_input(chain, tmp_path):
+    runs = chain["runs"]
+    saved = _digest(runs / "s" / "export")
+    # a study with no finished search: its config, no candidates
+    (runs / "empty").mkdir()
+    (runs / "empty" / "config.json").write_text((runs / "s" / "config.json").read_text())
+    for cmd in (["export"], ["finetune", "--epochs", "1"]):
+        assert_user_error(run_cli(*cmd, "--study", "empty", "--runs", runs),
+                          "no finished search", "autoprune search --study empty")
+    assert_user_error(run_cli("export", "--study", "nope", "--runs", runs), "no study")
+    # a policy for another model (ResNet-56 has groups ResNet-20 lacks)
+    other = tmp_path / "r56.json"
+    other.write_text(json.dumps({"channels": {"layer1.8.conv1": 8}}))
+    assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "1",
+                              "--policy", other), "'layer1.8.conv1'", "resnet20")
+    # an unwritable output folder (its parent is a file)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run_cli("export", "--study", "s", "--runs", runs, "--out",
+                              blocker / "out"), "cannot create folder")
+    assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "1",
+                              "--out", blocker / "ft.pt"), "cannot create folder")
+    assert_user_error(run_cli("export", "--study", "s", "--runs", runs, "--format", "onnx,gguf"),
+                      "`--format`")
+    assert_user_error(run_cli("export", "--study", "s", "--runs", runs, "--checkpoint",
+                              chain["ckpt"]), "not fine-tuned from study")
+    assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "0"),
+                      "`--epochs`")
+    assert _digest(runs / "s" / "export") == saved  # nothing already saved was touched
