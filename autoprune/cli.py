@@ -742,11 +742,15 @@ def cmd_finetune(args) -> int:
                "distill": bool(args.distill)}
     if out.is_file() and not args.force:
         done = read_checkpoint(out)
-        if (done.get("extra") or {}).get("run_key") == run_key:
+        saved_key = (done.get("extra") or {}).get("run_key")
+        if saved_key == run_key:
             m = done["metrics"]
             print(f"already fine-tuned: {out} (val accuracy {m['val_acc_before'] * 100:.2f}% "
                   f"-> {m['val_acc'] * 100:.2f}%); pass `--force` to train it again")
             return 0
+        differs = _first_difference(saved_key, run_key)
+        raise UserError(f"{str(out)!r} already holds a fine-tuned model made with other options"
+                        f" ({differs}); pass `--force` to replace it or `--out` to keep both")
     data = _load_data(base)
     pruned = _prune_for_study(study, base, policy, data)
     val_before = evaluate(pruned, data.val)
@@ -775,6 +779,26 @@ def cmd_finetune(args) -> int:
           f"({len(data.val)} images)")
     print(f"checkpoint {out}")
     return 0
+
+
+def _first_difference(saved, now) -> str:
+    """'key saved vs now' for the first differing (nested) key of two run keys."""
+    if not isinstance(saved, dict):
+        return "not an autoprune fine-tune"
+    def flat(d: dict) -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{k2}": v2 for k2, v2 in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    a, b = flat(saved), flat(now)
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            return f"{k} {a.get(k)!r} vs now {b.get(k)!r}"
+    return "unknown difference"
 
 
 FORMATS = ("onnx", "tvm", "torch")

@@ -28,7 +28,7 @@ def bar(description: str, total: int, *, enabled: bool, fields: str = "") -> Ite
     ``fields`` is a rich format string using ``task.fields`` (e.g. ``"loss {task.fields[loss]}"``);
     pass the initial values to ``advance``/``update``.
     """
-    if not enabled:
+    if not enabled or total <= 0:  # nothing to do: no bar (a 0/0 line says nothing)
         yield _Bar(None, None)
         return
     if not sys.stderr.isatty():
@@ -85,11 +85,11 @@ class _PlainBar:
         now = time.monotonic()
         self.last = now
         elapsed = now - self.t0
-        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        eta = f"{elapsed / self.done * (self.total - self.done):.0f}s" if self.done else "?"
         text = re.sub(r"\{task\.fields\[(\w+)\]\}", lambda m: str(self.values.get(m[1], "-")),
                       self.fields)
         print(f"{self.description} {self.done}/{self.total} elapsed {elapsed:.0f}s "
-              f"eta {eta:.0f}s {text}".rstrip(), file=sys.stderr, flush=True)
+              f"eta {eta} {text}".rstrip(), file=sys.stderr, flush=True)
 
 
 def _field_defaults(fields: str) -> dict:

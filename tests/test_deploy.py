@@ -41,6 +41,12 @@ def test_finetune_improves_the_pruned_model(chain):
     again = run_cli("finetune", "--study", "s", "--runs", chain["runs"], "--epochs", "4",
                     "--distill", "--quiet", check=True)
     assert "already fine-tuned" in again.stdout
+    # other options would replace a finished model: refused unless --force
+    ckpt = chain["runs"] / "s" / "finetune" / "best.pt"
+    before = ckpt.read_bytes()
+    assert_user_error(run_cli("finetune", "--study", "s", "--runs", chain["runs"], "--epochs", "5",
+                              "--distill", "--quiet"), "config.epochs 4 vs now 5", "--force")
+    assert ckpt.read_bytes() == before
 
 
 def _rebuilt(path):

@@ -1,0 +1,227 @@
+"""End-to-end benchmark: searched policies vs uniform vs Torch-Pruning's global magnitude
+pruning, each fine-tuned the same way, measured on the target device. Prints one JSON document.
+
+For every model x budget x seed:
+  * ``amc``, ``evolution``, ``uniform``: `autoprune search` -> `autoprune finetune --distill`
+    -> `autoprune export --format onnx` (the real CLI, one study each under ``--runs``; a
+    re-run resumes every study and skips finished fine-tunes);
+  * ``tp-global``: what a user would do without autoprune: torch-pruning's MagnitudePruner
+    with ``global_pruning=True`` (L1 magnitude, the device's channel multiple as ``round_to``,
+    classifier ignored), its pruning ratio bisected until the *measured* latency on the device
+    is within the same budget, then the same fine-tune (epochs, lr, distillation).
+
+Every method reports test accuracy (before and after fine-tune), measured latency of unpruned
+and pruned (alternating rounds in one process) and the speedup; the searched ones also their
+predicted speedup. Targets (issue 5): searched >= uniform + 0.3 points and >= tp-global at
+budget 0.3; measured speedup within 5% of predicted.
+
+    python bench/end_to_end.py --models resnet20 --budgets 0.5 --trials 60 --epochs 2
+    python bench/end_to_end.py --models resnet20,resnet56 --budgets 0.5,0.3 \\
+        --weights resnet56=runs/resnet56-fashion-mnist.pt --trials 300 --epochs 10 \
+        --round-to 4 --tables runs/bench-e2e/tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = {"resnet20": ROOT / "autoprune" / "weights" / "resnet20-fashion-mnist.pt"}
+SEARCHED = ("amc", "evolution", "uniform")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "autoprune.cli", *map(str, args)]
+    log(" ".join(map(str, args)))
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def run_searched(method, weights, budget, seed, a) -> dict:
+    study = f"{Path(weights).stem}-b{budget:g}-{method}-s{seed}"
+    extra = (["--round-to", a.round_to] if a.round_to else []) + \
+        (["--tables", a.tables] if a.tables else [])
+    t0 = time.perf_counter()
+    s = cli("search", "--target-device", a.device, "--weights", weights, "--latency-budget",
+            budget, "--searcher", method, "--trials", a.trials, "--seed", seed, "--study", study,
+            "--runs", a.runs, "--quiet", *extra)
+    if s.returncode != 0:
+        return {"method": method, "error": (s.stderr.strip().splitlines() or ["?"])[-1]}
+    search_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    f = cli("finetune", "--study", study, "--runs", a.runs, "--epochs", a.epochs, "--distill",
+            "--lr", a.lr, "--quiet", "--json")
+    if f.returncode != 0:
+        return {"method": method, "study": study, "error": f.stderr.strip()}
+    finetune_s = time.perf_counter() - t0
+    e = cli("export", "--study", study, "--runs", a.runs, "--format", "onnx", "--json",
+            "--rounds", a.rounds)
+    if e.returncode != 0:
+        return {"method": method, "study": study, "error": e.stderr.strip()}
+    r = json.loads(e.stdout)
+    return {"method": method, "study": study,
+            "test_acc_before_finetune": r["pruned"]["test_acc_before_finetune"],
+            "test_acc": r["pruned"]["test_acc_after_finetune"],
+            "unpruned_test_acc": r["unpruned"]["test_acc"],
+            "measured_ms": r["pruned"]["latency"], "unpruned_measured_ms": r["unpruned"]["latency"],
+            "speedup_measured": r["speedup"]["measured"],
+            "speedup_predicted": r["speedup"]["predicted"],
+            "speedup_error_pct": r["speedup"]["error_pct"],
+            "measured_fraction": r["budget"]["measured_fraction"],
+            "macs": r["pruned"]["macs"], "params": r["pruned"]["params"],
+            "policy": r["policy"], "search_s": search_s, "finetune_s": finetune_s}
+
+
+def run_tp_global(weights, budget, seed, a) -> dict:
+    """Torch-Pruning's global magnitude pruning, ratio bisected to the measured budget."""
+    import torch
+    import torch_pruning as tp
+
+    from autoprune.count import count_macs, count_params
+    from autoprune.data import load_dataset
+    from autoprune.evaluate import recalibrate_bn
+    from autoprune.latency.backends import get_backend
+    from autoprune.latency.devices import get_device
+    from autoprune.models import ModelSpec, build_model, load_state, read_checkpoint
+    from autoprune.report import measure_pair
+    from autoprune.train import TrainConfig, evaluate, train
+
+    torch.set_num_threads(a.threads)
+    ckpt = read_checkpoint(weights)
+    base = build_model(ModelSpec.from_dict(ckpt["model"]))
+    load_state(base, ckpt["state_dict"], source=str(weights))
+    base.eval()
+    shape = tuple(ckpt["input_shape"])
+    data = load_dataset(ckpt["data"])
+    device = get_device(a.device)
+    multiple = a.round_to or device.channel_multiple
+
+    def prune(ratio):
+        m = copy.deepcopy(base)
+        classifier = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1]
+        # fresh dicts: BasePruner's dict defaults are shared mutable objects
+        pruner = tp.pruner.MagnitudePruner(
+            m, torch.zeros(shape), importance=tp.importance.GroupMagnitudeImportance(p=1),
+            global_pruning=True, pruning_ratio=ratio, max_pruning_ratio=0.9,
+            ignored_layers=[classifier], round_to=multiple, in_channel_groups={},
+            out_channel_groups={}, num_heads={}, channel_groups={})
+        with torch.enable_grad():
+            pruner.step()
+        return m.eval()
+
+    t0 = time.perf_counter()
+    with get_backend(device) as backend:
+        full = statistics.median(backend.measure_model(base, shape).median_ms for _ in range(3))
+        target = budget * full
+        lo, hi, best = 0.0, 0.95, None
+        for _ in range(a.bisect_steps):  # the smallest ratio whose measured latency fits
+            mid = (lo + hi) / 2
+            ms = backend.measure_model(prune(mid), shape).median_ms
+            log(f"tp-global ratio {mid:.4f}: {ms:.4f} ms (target {target:.4f})")
+            if ms <= target:
+                hi, best = mid, mid
+            else:
+                lo = mid
+        if best is None:
+            return {"method": "tp-global", "error": f"no ratio <= 0.95 meets {budget} measured"}
+        model = prune(best)
+        search_s = time.perf_counter() - t0
+        recalibrate_bn(model, data.train, batches=10, batch_size=128, seed=seed)
+        before = evaluate(model, data.test)
+        t0 = time.perf_counter()
+        train(model, data, TrainConfig(epochs=a.epochs, lr=a.lr, seed=seed, kd_alpha=0.9,
+                                       kd_temperature=4.0), teacher=base)
+        model.eval()
+        finetune_s = time.perf_counter() - t0
+        lat_u, lat_p = measure_pair(backend, base, model, shape, rounds=a.rounds)
+    x = torch.zeros(shape)
+    return {"method": "tp-global", "pruning_ratio": best, "test_acc_before_finetune": before,
+            "test_acc": evaluate(model, data.test), "unpruned_test_acc": evaluate(base, data.test),
+            "measured_ms": lat_p, "unpruned_measured_ms": lat_u,
+            "speedup_measured": lat_u["median_ms"] / lat_p["median_ms"],
+            "measured_fraction": lat_p["median_ms"] / lat_u["median_ms"],
+            "macs": count_macs(model, x), "params": count_params(model),
+            "channels": {n: m.out_channels for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Conv2d)},
+            "search_s": search_s, "finetune_s": finetune_s}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet20,resnet56")
+    p.add_argument("--budgets", default="0.5,0.3")
+    p.add_argument("--methods", default="amc,evolution,uniform,tp-global")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--weights", action="append", default=[], metavar="MODEL=PATH",
+                   help="trained checkpoint of a model (resnet20 defaults to the shipped one)")
+    p.add_argument("--device", default="cpu-ort")
+    p.add_argument("--trials", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--round-to", type=int, help="channel multiple (default: the device's)")
+    p.add_argument("--tables", help="latency tables folder (a finer --round-to grid adds "
+                   "entries: point this at a copy to leave latency_tables/ as shipped)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds")
+    p.add_argument("--bisect-steps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", default=str(ROOT / "runs" / "bench-e2e"))
+    a = p.parse_args()
+    weights = dict(SHIPPED)
+    for w in a.weights:
+        name, _, path = w.partition("=")
+        weights[name] = Path(path)
+    results = []
+    for model in a.models.split(","):
+        for budget in (float(b) for b in a.budgets.split(",")):
+            for seed in (int(s) for s in a.seeds.split(",")):
+                w = weights.get(model)
+                if w is None or not Path(w).is_file():
+                    results.append({"model": model, "budget": budget, "seed": seed,
+                                    "skipped": f"no trained {model} checkpoint; train one with "
+                                    f"`autoprune train --model {model} --epochs 30 --out "
+                                    f"{model}.pt` and pass --weights {model}={model}.pt"})
+                    continue
+                for method in a.methods.split(","):
+                    r = run_tp_global(w, budget, seed, a) if method == "tp-global" else \
+                        run_searched(method, w, budget, seed, a)
+                    results.append({"model": model, "budget": budget, "seed": seed, **r})
+                    log(json.dumps({k: v for k, v in results[-1].items()
+                                    if k not in ("policy", "channels")}))
+    summary = {}
+    for r in results:
+        if "test_acc" not in r:
+            continue
+        key = f"{r['model']}@{r['budget']:g}"
+        summary.setdefault(key, {}).setdefault(r["method"], []).append(r)
+    checks = {}
+    for key, by in summary.items():
+        mean = {m: statistics.mean(x["test_acc"] for x in rs) for m, rs in by.items()}
+        c = {"mean_test_acc": mean}
+        for m in ("amc", "evolution"):
+            if m in mean and "uniform" in mean:
+                c[f"{m}_beats_uniform_by_0.3pt"] = mean[m] >= mean["uniform"] + 0.003
+            if m in mean and "tp-global" in mean:
+                c[f"{m}_beats_tp_global"] = mean[m] >= mean["tp-global"]
+        errs = [abs(x["speedup_error_pct"]) for rs in by.values() for x in rs
+                if x.get("speedup_error_pct") is not None]
+        if errs:
+            c["max_abs_speedup_error_pct"] = max(errs)
+            c["speedup_within_5pct_of_predicted"] = max(errs) <= 5.0
+        checks[key] = c
+    print(json.dumps({"command": " ".join(sys.argv), "config": vars(a), "results": results,
+                      "checks": checks}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
