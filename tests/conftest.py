@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,25 @@ def digits_ckpt(tmp_path_factory):
     run_cli("train", "--model", "resnet20", "--data", "digits", "--epochs", "3", "--out", out,
             "--quiet", check=True)
     return out
+
+
+@pytest.fixture()
+def rpc_server(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "rpc.log"
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                             "--port", str(port), "--port-end", str(port + 1)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "bind to" not in log.read_text():  # its import is slow on a busy machine
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

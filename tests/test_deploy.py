@@ -184,3 +184,31 @@ def test_bad_input(chain, tmp_path):
     assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "0"),
                       "`--epochs`")
     assert _digest(runs / "s" / "export") == saved  # nothing already saved was touched
+
+
+@pytest.mark.tvm
+def test_tvm_export_to_a_remote_device(rpc_server, tmp_path, digits):
+    """A remote target: checked over RPC when the board answers; when it does not, the library
+    is still written and the report says it was not checked."""
+    from autoprune.export import export_tvm
+    from autoprune.latency.devices import Remote, TargetDevice
+    from autoprune.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec("resnet20", in_channels=1, input_size=8)).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    board = TargetDevice(name="board", runtime="tvm", target={"kind": "llvm", "num-cores": 1},
+                         remote=Remote("127.0.0.1", rpc_server))
+    checked = export_tvm(model, x, tmp_path / "a.so", board, check_inputs=digits.test.x[:4])
+    assert "unchecked" not in checked and checked["max_abs_diff"] <= 1e-4
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    gone = TargetDevice(name="gone", runtime="tvm", target={"kind": "llvm", "num-cores": 1},
+                        remote=Remote("127.0.0.1", port))
+    unchecked = export_tvm(model, x, tmp_path / "b.so", gone, check_inputs=digits.test.x[:4])
+    assert unchecked["max_abs_diff"] is None
+    assert "cannot reach the TVM RPC server" in unchecked["unchecked"]
+    assert (tmp_path / "b.so").stat().st_size > 0

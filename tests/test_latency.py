@@ -4,9 +4,6 @@ the predictor, validation, and every refusal through the real CLI."""
 import itertools
 import json
 import math
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -279,28 +276,6 @@ def test_missing_table_unknown_device_and_bad_devices_file(tiny_file, tmp_path):
 
 
 # ------------------------------------------------------------------------------- RPC
-@pytest.fixture()
-def rpc_server(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "rpc.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                             "--port", str(port), "--port-end", str(port + 1)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while "bind to" not in log.read_text():  # its import is slow on a busy machine
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 @pytest.mark.tvm
 def test_rpc_measurement(rpc_server, tmp_path):
     devices = tmp_path / "devices.yaml"
