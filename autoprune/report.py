@@ -106,6 +106,12 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
              f"written {report['created']}.", "",
              "| | unpruned | pruned |", "|---|---:|---:|"]
     lines += [f"| {q} | {a} | {b} |" for q, a, b in rows(report)]
+    b = report["budget"]
+    if b["fraction"] is not None:
+        lines += ["", f"Measured, the pruned model runs at {b['measured_fraction']:.3f} of the "
+                  f"unpruned latency against a budget of {b['fraction']:.3f}: "
+                  + ("met" if b["met_measured"] else "**not met**")
+                  + " (within 5% counts as met: run-to-run noise here is about 2%)."]
     ft = report["finetune"]
     lines += ["", "Fine-tune: " + ("none (the pruned weights with re-estimated BatchNorm "
                                    "statistics; run `autoprune finetune`)" if ft is None else
