@@ -50,6 +50,10 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2, help="PyTorch threads for evaluation")
+    ap.add_argument("--round-to", type=int,
+                    help="channel multiple (default: the device's; budget 0.3 on cpu-ort needs 4)")
+    ap.add_argument("--tables", help="latency tables folder (a finer grid adds entries: point "
+                    "this at a copy to leave latency_tables/ as shipped)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,13 +66,15 @@ def main() -> int:
     device = get_device(args.device)
     x = torch.zeros(data.input_shape)
     space = SearchSpace.from_model(model, x, SpaceSpec.for_family(spec.family),
-                                   family=spec.family, round_to=device.channel_multiple)
+                                   family=spec.family,
+                                   round_to=args.round_to or device.channel_multiple)
     out = {"model": spec.name, "data": ckpt["data"], "device": device.name,
            "trials": args.trials, "runs": []}
     with get_backend(device) as backend:
         setup = build_table(model, space, device, backend,
                             key=model_key(spec.name, tuple(x.shape)), model_name=spec.name,
-                            path=table_path(device.name, spec.name))
+                            path=table_path(device.name, spec.name,
+                                            Path(args.tables) if args.tables else None))
         pred = setup.predictor()
         full_measured = backend.measure_model(model, x.shape).median_ms
         out["unpruned"] = {"predicted_ms": pred.max_latency(), "measured_ms": full_measured,
