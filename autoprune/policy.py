@@ -65,9 +65,12 @@ class Policy:
             raise UserError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); expected "
                             '{"channels": {"group": channels_kept, ...}}') from e
         channels = obj.get("channels") if isinstance(obj, dict) else None
+        if channels is None and isinstance(obj, dict) and isinstance(obj.get("policy"), dict):
+            channels = obj["policy"]  # a candidate: a line of candidates.jsonl, a Pareto point
         if not isinstance(channels, dict):
             raise UserError(f'{source} lacks a "channels" object; expected '
-                            '{"channels": {"group": channels_kept, ...}}')
+                            '{"channels": {"group": channels_kept, ...}} (or a candidate of a '
+                            'study, with its "policy")')
         return cls.from_dict(channels)
 
     def save(self, path: str | Path) -> Path:

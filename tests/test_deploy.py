@@ -51,6 +51,20 @@ def test_finetune_improves_the_pruned_model(chain):
     assert ckpt.read_bytes() == before
 
 
+def test_finetune_a_pareto_point(chain, tmp_path):
+    """--policy takes any policy file, a candidate of the study's Pareto front included."""
+    front = json.loads((chain["runs"] / "s" / "pareto.json").read_text())
+    point = tmp_path / "point.json"
+    point.write_text(json.dumps(front[0]))
+    proc = run_cli("finetune", "--study", "s", "--runs", chain["runs"], "--epochs", "1",
+                   "--policy", point, "--quiet", "--json", check=True)
+    out = json.loads(proc.stdout)
+    assert out["policy"] == front[0]["policy"]
+    assert out["checkpoint"].endswith("finetune/point.pt")
+    ckpt = torch.load(out["checkpoint"], weights_only=True)
+    assert ckpt["extra"]["policy"] == front[0]["policy"]
+
+
 def _rebuilt(path):
     """The exported torch checkpoint rebuilt from its spec + policy (no pickled modules)."""
     from autoprune.models import ModelSpec, build_model, load_state, read_checkpoint
