@@ -166,6 +166,11 @@ class PrunableGroup:
         grid.update(range(math.ceil(self.min_channels / r) * r, self.max_channels + 1, r))
         return tuple(sorted(c for c in grid if self.min_channels <= c <= self.max_channels))
 
+    def snap_down(self, channels: float) -> int:
+        """The widest grid point not above ``channels`` (the minimum if it is below)."""
+        below = [c for c in self.choices if c <= channels + 1e-9]
+        return below[-1] if below else self.choices[0]
+
     def keep_for_ratio(self, ratio: float) -> int:
         """The grid point nearest ``ratio * channels`` (ties go to the larger width)."""
         target = ratio * self.channels

@@ -120,6 +120,25 @@ def test_action_wall_never_ends_infeasible(setup):
         assert pred.predict(wall.repair(proposal)) <= budget * (1 + 1e-9)
 
 
+def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
+    _, space, pred, budget, _ = setup
+    wall = BudgetWall(space, pred, budget)
+    rng = np.random.default_rng(1)
+    repaired, projected = set(), set()
+    for _ in range(200):
+        proposal = {g.name: int(rng.choice(g.choices)) for g in space.groups}
+        p = wall.project(proposal)
+        assert pred.predict(p) <= budget * (1 + 1e-9)
+        for g in space.groups:  # never wider than proposed, always on the grid
+            assert p[g.name] <= proposal[g.name] and p[g.name] in g.choices
+        if pred.predict(proposal) <= budget:
+            assert p.to_dict() == proposal  # a feasible proposal is left alone
+        repaired.add(wall.repair(proposal))
+        projected.add(p)
+    # the point of projecting: over-budget proposals do not collapse onto a few policies
+    assert len(projected) >= len(repaired)
+
+
 @pytest.mark.parametrize("name,n", [("uniform", 1), ("random", 6), ("evolution", 8),
                                     ("amc", 6)])
 def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, name, n):

@@ -70,6 +70,40 @@ class BudgetWall:
             out[g.name] = self.clip(out, g.name, proposed.get(g.name, g.channels))
         return Policy.from_dict(out)
 
+    def project(self, proposed: dict[str, int]) -> Policy:
+        """A feasible policy that keeps the *shape* of a proposal: every group is moved toward
+        its minimum by one common factor, the smallest move that fits; the slack that
+        snapping to the grid leaves is then handed back, group by group, up to the proposal.
+
+        ``repair`` clips in group order, so whenever early groups overspend, every later group
+        lands on its minimum whatever was proposed for it: at tight budgets many proposals
+        collapse onto the same few policies and a searcher cannot learn the later groups.
+        A feasible proposal is returned unchanged."""
+        groups = self.space.groups
+        want = {g.name: g.snap_down(proposed.get(g.name, g.channels)) for g in groups}
+        if self.predictor.predict(want) <= self.budget_ms + self._tol:
+            return Policy.from_dict(want)
+
+        def shrunk(t: float) -> dict[str, int]:
+            return {g.name: g.snap_down(g.min_channels + t * (want[g.name] - g.min_channels))
+                    for g in groups}
+
+        lo, hi = 0.0, 1.0  # shrunk(0) is the smallest policy, feasible (the budget was checked)
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if self.predictor.predict(shrunk(mid)) <= self.budget_ms + self._tol:
+                lo = mid
+            else:
+                hi = mid
+        out = shrunk(lo)
+        for g in groups:  # hand back the snapping slack (costs are monotone: stays feasible)
+            options = [c for c in g.choices if out[g.name] < c <= want[g.name]]
+            for c in reversed(options):
+                if self.predictor.predict({**out, g.name: c}) <= self.budget_ms + self._tol:
+                    out[g.name] = c
+                    break
+        return Policy.from_dict(out)
+
 
 class Searcher(abc.ABC):
     """A search strategy over a `SearchSpace` under a latency budget.

@@ -34,18 +34,18 @@ class UniformSearcher(Searcher):
 
 
 class RandomSearcher(Searcher):
-    """Random feasible policies: each group draws a keep ratio uniformly, clipped to the wall.
-    Trial i draws from its own seeded generator, so a resumed study proposes the same."""
+    """Random feasible policies: each group draws a keep ratio uniformly, and the draw is
+    projected onto the budget (``BudgetWall.project``: one common shrink, so no group is
+    favoured by its position). Trial i draws from its own seeded generator, so a resumed
+    study proposes the same."""
 
     name = "random"
 
     def propose(self, trial: int) -> Policy:
         rng = np.random.default_rng([self.seed, trial])
-        out: dict[str, int] = {}
-        for g in self.space.groups:
-            wanted = g.keep_for_ratio(float(rng.uniform(0.0, 1.0)))
-            out[g.name] = self.wall.clip(out, g.name, wanted)
-        return Policy.from_dict(out)
+        wanted = {g.name: g.keep_for_ratio(float(rng.uniform(0.0, 1.0)))
+                  for g in self.space.groups}
+        return self.wall.project(wanted)
 
     def run(self, ctx: SearchContext) -> None:
         for trial in range(ctx.n_trials):

@@ -1,9 +1,11 @@
 """Optuna searcher: NSGA-II on (val accuracy up, predicted latency down) with the budget as a
 constraint; ``cmaes`` and ``tpe`` samplers optimise accuracy alone.
 
-Each group's genome is an index into its channel grid. Proposals are repaired through the
-action wall before evaluation (so every evaluated policy is feasible, as the design asks); the
-repaired policy is what is scored and stored on the trial. The uniform policy at the budget is
+Each group's genome is an index into its channel grid. An over-budget proposal is projected
+onto the budget before evaluation (``BudgetWall.project``: every group shrinks toward its
+minimum by one common factor, so the genome of a later group still matters), so every
+evaluated policy is feasible, as the design asks; the projected policy is what is scored and
+stored on the trial. The uniform policy at the budget is
 enqueued as a seed and takes part in breeding: the objective reads ``trial.relative_params``
 first (without that Optuna 5 gives an enqueued trial no NSGA-II generation, so it is never a
 parent).
@@ -73,7 +75,7 @@ class EvolutionSearcher(Searcher):
             _ = trial.relative_params  # makes an enqueued seed part of NSGA-II breeding
             proposed = {g.name: g.choices[trial.suggest_int(g.name, 0, len(g.choices) - 1)]
                         for g in groups}
-            policy = self.wall.repair(proposed)
+            policy = self.wall.project(proposed)
             cand = ctx.evaluate(policy, trial.number)
             ctx.on_candidate(cand)
             trial.set_user_attr("policy", policy.to_dict())
