@@ -936,6 +936,7 @@ def cmd_export(args) -> int:
                           searcher=cand.searcher if cand else None, unpruned=unpruned,
                           pruned=pruned_d, artefacts=artefacts, finetune=finetune)
     json_path, md_path = write_report(report, out_dir)
+    policy.save(out_dir / "policy.json")  # what was cut, for `autoprune prune` / `measure`
     if args.json:
         print(json.dumps(report, indent=2))
     else:
