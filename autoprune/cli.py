@@ -691,8 +691,15 @@ def _study_base(study, args) -> Loaded:
     return loaded
 
 
-def _study_policy(study, path: str):
-    """A policy file checked against the study's model (its groups and their widths)."""
+def _load_autoprune_checkpoint(path: Path) -> Loaded:
+    """A checkpoint that carries its own model spec (and policy): nothing else to name."""
+    return _resolve_model(argparse.Namespace(model=None, weights=str(path), data=None),
+                          need_weights=True)
+
+
+def _study_policy(study, path: str, base: Loaded):
+    """A policy file checked against the study's model; groups it does not name stay whole
+    (filled in, so the policy compares equal to the study's candidates)."""
     from .policy import Policy
 
     policy = Policy.load(path)
@@ -703,7 +710,10 @@ def _study_policy(study, path: str):
                         f"{study.root.name!r}'s model ({study.config['model']['name']}) does "
                         "not have; pass a policy of this study (best_policy.json, pareto.json "
                         "points)")
-    return policy
+    modules = dict(base.model.named_modules())
+    full = {g: getattr(modules[g], "out_channels", None) or modules[g].out_features
+            for g in groups}
+    return Policy.from_dict({**full, **policy.to_dict()})
 
 
 def _prune_for_study(study, base: Loaded, policy, data):
@@ -726,10 +736,7 @@ def cmd_finetune(args) -> int:
     from .train import TrainConfig, evaluate, train_resumable
 
     study = _open_finished(args)
-    if args.policy:
-        policy, tag = _study_policy(study, args.policy), Path(args.policy).stem
-    else:
-        policy, tag = study.best().policy, "best"
+    tag = Path(args.policy).stem if args.policy else "best"
     out = Path(args.out) if args.out else study.root / "finetune" / f"{tag}.pt"
     _check_writable(out)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
@@ -737,6 +744,7 @@ def cmd_finetune(args) -> int:
                          kd_alpha=args.kd_alpha if args.distill else 0.0,
                          kd_temperature=args.kd_temperature)
     base = _study_base(study, args)
+    policy = _study_policy(study, args.policy, base) if args.policy else study.best().policy
     run_key = {"study": study.root.name, "policy": policy.to_dict(),
                "base_sha256": study.config["weights_sha256"], "config": dict(config.__dict__),
                "distill": bool(args.distill)}
@@ -785,6 +793,7 @@ def _first_difference(saved, now) -> str:
     """'key saved vs now' for the first differing (nested) key of two run keys."""
     if not isinstance(saved, dict):
         return "not an autoprune fine-tune"
+
     def flat(d: dict) -> dict:
         out = {}
         for k, v in d.items():
@@ -844,8 +853,7 @@ def cmd_export(args) -> int:
             raise UserError(f"{str(ckpt_path)!r} was not fine-tuned from study {name!r}'s base "
                             "model; pass a checkpoint written by `autoprune finetune --study "
                             f"{name}`")
-        tuned = _resolve_model(argparse.Namespace(model=None, weights=str(ckpt_path),
-                                                  data=None), need_weights=True)
+        tuned = _load_autoprune_checkpoint(ckpt_path)
         policy, pruned = tuned.policy, tuned.model
         ft = extra.get("finetune") or {}
         finetune = {"checkpoint": str(ckpt_path), "epochs": ft.get("epochs"),
@@ -899,8 +907,7 @@ def cmd_export(args) -> int:
                                                                     finetune["val_acc"]},
                                extra={"policy": policy.to_dict(), "study": name,
                                       "base_sha256": study.config["weights_sha256"]})
-        rebuilt = _resolve_model(argparse.Namespace(model=None, weights=str(path), data=None),
-                                 need_weights=True).model
+        rebuilt = _load_autoprune_checkpoint(path).model
         with torch.no_grad():
             diff = float((rebuilt(check_x) - pruned(check_x)).abs().max())
         note("torch", {"path": str(path), "max_abs_diff": diff,

@@ -57,13 +57,19 @@ def check_onnx(path: str | Path, model: nn.Module, inputs: torch.Tensor, *,
     """Max abs difference between onnxruntime and PyTorch on ``inputs`` (in chunks of
     ``batch`` for a model exported with a fixed batch size)."""
     session = onnxruntime_session(path)
-    step = batch or len(inputs)
+    return max_abs_diff(lambda x: session.run(None, {"input": x.numpy()})[0], model, inputs,
+                        batch=batch or len(inputs))
+
+
+def max_abs_diff(run, model: nn.Module, inputs: torch.Tensor, *, batch: int) -> float:
+    """Max abs difference between ``run(x) -> ndarray`` and ``model(x)`` over ``inputs``, fed
+    in batches of ``batch`` (an exported model may have a fixed batch size)."""
     worst = 0.0
+    model = model.eval()
     with torch.no_grad():
-        for i in range(0, len(inputs) - step + 1, step):
-            x = inputs[i:i + step]
-            got = session.run(None, {"input": x.numpy()})[0]
-            worst = max(worst, float(np.abs(got - model.eval()(x).numpy()).max()))
+        for i in range(0, len(inputs) - batch + 1, batch):
+            x = inputs[i:i + batch]
+            worst = max(worst, float(np.abs(run(x) - model(x).numpy()).max()))
     return worst
 
 
@@ -109,14 +115,8 @@ def export_tvm(model: nn.Module, example_input: torch.Tensor, path: str | Path, 
         out["max_abs_diff"] = None
         if "unchecked" not in out and check_inputs is not None:
             vm = backend.load(Path(path))
-            b = example_input.shape[0]
-            worst = 0.0
-            with torch.no_grad():
-                for i in range(0, len(check_inputs) - b + 1, b):
-                    x = check_inputs[i:i + b]
-                    got = backend.run(vm, (x,))[0]
-                    worst = max(worst, float(np.abs(got - model(x).numpy()).max()))
-            out["max_abs_diff"] = worst
+            out["max_abs_diff"] = max_abs_diff(lambda x: backend.run(vm, (x,))[0], model,
+                                               check_inputs, batch=example_input.shape[0])
     return out
 
 
