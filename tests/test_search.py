@@ -115,9 +115,17 @@ def test_action_wall_never_ends_infeasible(setup):
     assert len(seen) == 25
     assert all(pred.predict(p) <= budget * (1 + 1e-9) for p in seen)
     wall = BudgetWall(space, pred, budget)
-    for _ in range(200):  # repair of arbitrary proposals is always feasible too
+    for _ in range(200):  # clipping arbitrary proposals in group order is always feasible too
         proposal = {g.name: int(rng.choice(g.choices)) for g in space.groups}
-        assert pred.predict(wall.repair(proposal)) <= budget * (1 + 1e-9)
+        assert pred.predict(_clipped_in_order(wall, space, proposal)) <= budget * (1 + 1e-9)
+
+
+def _clipped_in_order(wall, space, proposal):
+    """AMC's per-step wall applied to a whole proposal, group by group."""
+    out = {}
+    for g in space.groups:
+        out[g.name] = wall.clip(out, g.name, proposal[g.name])
+    return Policy.from_dict(out)
 
 
 def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
@@ -133,7 +141,7 @@ def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
             assert p[g.name] <= proposal[g.name] and p[g.name] in g.choices
         if pred.predict(proposal) <= budget:
             assert p.to_dict() == proposal  # a feasible proposal is left alone
-        repaired.add(wall.repair(proposal))
+        repaired.add(_clipped_in_order(wall, space, proposal))
         projected.add(p)
     # the point of projecting: over-budget proposals do not collapse onto a few policies
     assert len(projected) >= len(repaired)

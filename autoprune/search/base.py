@@ -63,21 +63,15 @@ class BudgetWall:
     def clip(self, partial: dict[str, int], group: str, wanted: int) -> int:
         return min(wanted, self.max_keep(partial, group))
 
-    def repair(self, proposed: dict[str, int]) -> Policy:
-        """Walk the groups in order, clipping each proposal to the wall."""
-        out: dict[str, int] = {}
-        for g in self.space.groups:
-            out[g.name] = self.clip(out, g.name, proposed.get(g.name, g.channels))
-        return Policy.from_dict(out)
-
     def project(self, proposed: dict[str, int]) -> Policy:
         """A feasible policy that keeps the *shape* of a proposal: every group is moved toward
         its minimum by one common factor, the smallest move that fits; the slack that
         snapping to the grid leaves is then handed back, group by group, up to the proposal.
 
-        ``repair`` clips in group order, so whenever early groups overspend, every later group
-        lands on its minimum whatever was proposed for it: at tight budgets many proposals
-        collapse onto the same few policies and a searcher cannot learn the later groups.
+        Clipping in group order (``clip``, AMC's per-step wall) puts every later group on its
+        minimum whenever early groups overspend, whatever was proposed for it: at tight
+        budgets many proposals collapse onto the same few policies, and a searcher cannot
+        learn the later groups.
         A feasible proposal is returned unchanged."""
         groups = self.space.groups
         want = {g.name: g.snap_down(proposed.get(g.name, g.channels)) for g in groups}
