@@ -825,6 +825,7 @@ def cmd_export(args) -> int:
         export_onnx,
         export_torch_program,
         export_tvm,
+        max_abs_diff,
         tvm_export_device,
     )
     from .models import read_checkpoint, save_checkpoint
@@ -908,8 +909,7 @@ def cmd_export(args) -> int:
                                extra={"policy": policy.to_dict(), "study": name,
                                       "base_sha256": study.config["weights_sha256"]})
         rebuilt = _load_autoprune_checkpoint(path).model
-        with torch.no_grad():
-            diff = float((rebuilt(check_x) - pruned(check_x)).abs().max())
+        diff = max_abs_diff(lambda x: rebuilt(x).numpy(), pruned, check_x, batch=len(check_x))
         note("torch", {"path": str(path), "max_abs_diff": diff,
                        "rebuild": "autoprune.models: read_checkpoint + build_model + "
                                   "apply_policy + load_state (no pickled code)"})
