@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -337,3 +338,21 @@ def test_coarse_profile_grid_interpolates(tiny, tmp_path):
     assert at[16] <= at[24] <= at[32]
     assert all(math.isfinite(pred.predict(p)) for p in
                [space.uniform(r) for r in (0.25, 0.5, 0.75, 1.0)])
+
+
+def test_calibration_fit_recovers_a_line_and_refuses_a_flat_one():
+    from autoprune.latency.profile import SCALE_RANGE, fit_calibration
+
+    rng = np.random.default_rng(0)
+    sums = np.linspace(0.3, 0.7, 18)
+    measured = 0.9 * sums - 0.1 + rng.normal(0, 0.002, sums.size)
+    scale, offset = fit_calibration(sums, measured)
+    assert scale == pytest.approx(0.9, abs=0.03) and offset == pytest.approx(-0.1, abs=0.02)
+    # a busy machine: the whole-model runs hardly follow the sum of ops, and a free line would
+    # make pruning look free (the fit that made a test table claim 0.92 at the smallest policy)
+    flat = np.array([0.0586, 0.0551, 0.0575, 0.0560, 0.0590])
+    sums = np.array([0.066, 0.031, 0.048, 0.052, 0.041])
+    assert not SCALE_RANGE[0] <= np.polyfit(sums, flat, 1, w=1 / flat)[0] <= SCALE_RANGE[1]
+    scale, offset = fit_calibration(sums, flat)
+    assert offset == 0.0 and scale > 0
+    assert (scale * sums[1]) / (scale * sums[0]) == pytest.approx(sums[1] / sums[0])
