@@ -604,6 +604,7 @@ def cmd_search(args) -> int:
                                 state_dir=study.root / "amc", storage_url=study.storage_url,
                                 study_name=name, done_trials=done,
                                 recover_stale=study.previous_crashed and not study.shared,
+                                shared_storage=study.shared,
                                 on_candidate=on_candidate)
             searcher.run(ctx)
         reference = _reference(study, evaluator, space, predictor)

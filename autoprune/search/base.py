@@ -29,6 +29,7 @@ class SearchContext:
     study_name: str = "autoprune"
     done_trials: set[int] = field(default_factory=set)
     recover_stale: bool = False  # the study's previous process died: its RUNNING trials are ours
+    shared_storage: bool = False  # --storage URL: other workers may write the same study
     on_candidate: Callable[[Candidate], None] = lambda c: None
 
 

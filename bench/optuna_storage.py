@@ -1,0 +1,103 @@
+"""Optuna storage overhead per trial: what the evolution searcher pays the storage, outside the
+candidate evaluation. Prints one JSON document.
+
+    python bench/optuna_storage.py [--trials 150] [--repeats 3]
+
+Runs the evolution searcher's own study (``open_optuna_study``: NSGA-II, population 32, 12
+integer genes, a constraint, the ``MaxTrialsCallback``) with an objective that evaluates
+nothing, so the time per trial is the searcher's and the storage's alone. Configurations:
+
+- ``local``: a study's own SQLite file, as ``autoprune search`` opens it (WAL, no heartbeat);
+- ``shared``: the same file passed as ``--storage URL`` (WAL and heartbeats);
+- ``rollback-journal+heartbeat``: what the searcher did before (SQLite's default journal,
+  heartbeats on every study), for comparison;
+- ``journal-file``: Optuna's JournalStorage on a file, for reference.
+
+Each configuration is run ``--repeats`` times in turn; the JSON gives the median and IQR of the
+milliseconds per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from autoprune.search.evolution import open_optuna_study  # noqa: E402
+
+
+def _objective(trial):
+    _ = trial.relative_params
+    genes = [trial.suggest_int(f"g{i}", 0, 6) for i in range(12)]
+    trial.set_constraint("latency_over_budget_ms", sum(genes) - 40.0)
+    return sum(genes) / 72.0, float(sum(genes))
+
+
+def _open(kind: str, folder: Path, n: int):
+    import optuna
+
+    sampler = optuna.samplers.NSGAIISampler(population_size=32, seed=0)
+    directions = ["maximize", "minimize"]
+    url = f"sqlite:///{folder / f'{kind}.db'}"
+    if kind in ("local", "shared"):
+        ctx = SimpleNamespace(storage_url=url, study_name="bench", recover_stale=False,
+                              shared_storage=kind == "shared")
+        return open_optuna_study(ctx, sampler, directions=directions)
+    if kind == "rollback-journal+heartbeat":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=10, grace_period=30,
+                heartbeat_stale_trial_callback=optuna.storages
+                .RetryHeartbeatStaleTrialCallback(max_retry=3))
+    else:
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = optuna.storages.JournalStorage(
+            JournalFileBackend(str(folder / "journal.log")))
+    return optuna.create_study(study_name="bench", storage=storage, sampler=sampler,
+                               directions=directions)
+
+
+def main() -> int:
+    import optuna
+    from optuna.trial import TrialState
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=150)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kinds = ["local", "shared", "rollback-journal+heartbeat", "journal-file"]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(args.repeats):
+        for kind in kinds:
+            with tempfile.TemporaryDirectory() as tmp:
+                study = _open(kind, Path(tmp), args.trials)
+                t0 = time.perf_counter()
+                study.optimize(_objective, n_trials=args.trials, gc_after_trial=False,
+                               callbacks=[optuna.study.MaxTrialsCallback(
+                                   args.trials, states=(TrialState.COMPLETE,))])
+                ms = (time.perf_counter() - t0) / args.trials * 1000
+                times[kind].append(ms)
+                print(f"repeat {r} {kind}: {ms:.1f} ms/trial", file=sys.stderr, flush=True)
+    out = {"trials": args.trials, "repeats": args.repeats, "optuna": optuna.__version__,
+           "ms_per_trial": {}}
+    for kind, xs in times.items():
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        out["ms_per_trial"][kind] = {"median": statistics.median(xs), "iqr": q[2] - q[0],
+                                     "runs": xs}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
