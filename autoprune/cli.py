@@ -380,6 +380,8 @@ def cmd_profile(args) -> int:
         raise UserError(f"`--validate` needs at least 3 policies, got {args.validate}")
     if args.calibrate < 2:
         raise UserError(f"`--calibrate` needs at least 2 random policies, got {args.calibrate}")
+    if args.validate_rounds < 1:
+        raise UserError(f"`--validate-rounds` needs at least 1 pass, got {args.validate_rounds}")
     device = _device(args)
     loaded = _resolve_model(args)
     if loaded.policy is not None:
@@ -399,7 +401,7 @@ def cmd_profile(args) -> int:
         summary["predicted_ms"] = {"full": pred.max_latency(), "smallest": pred.min_latency()}
         if args.validate:
             result = validate(setup, loaded.model, backend, n=args.validate, seed=args.seed,
-                              progress=not args.quiet)
+                              rounds=args.validate_rounds, progress=not args.quiet)
             out_dir = Path(args.out or Path("runs") / "validation")
             stem = f"{device.name}-{loaded.spec.name}".replace("/", "_").replace(":", "_")
             from ._io import write_json
@@ -422,7 +424,8 @@ def cmd_profile(args) -> int:
 
         v = summary["validation"]
         table = Table(title=f"validation: {v['n']} random policies measured whole on "
-                            f"{device.name} (median IQR {v['median_iqr_pct']:.1f}%)")
+                            f"{device.name}, median of {v['rounds']} passes (median IQR "
+                            f"{v['median_iqr_pct']:.1f}%)")
         for col in ("estimator", "mean abs % error", "% within ±10%", "Kendall tau"):
             table.add_column(col, justify="right" if col != "estimator" else "left")
         for name, key_ in (("latency predictor", "predictor"), ("MACs proxy", "macs_proxy")):
@@ -1075,6 +1078,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random policies measured whole to calibrate (plus full and smallest)")
     p.add_argument("--validate", type=int, metavar="N",
                    help="measure N random policies whole and report the predictor's error")
+    p.add_argument("--validate-rounds", type=int, default=3, metavar="R",
+                   help="passes over the validation policies, alternating direction; each "
+                        "policy's latency is its median over the passes (default 3)")
     p.add_argument("--seed", type=int, default=1, help="seed of the validation policies")
     p.add_argument("--out", help="folder for the validation JSON and PNG (runs/validation)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

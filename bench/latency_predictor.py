@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--models", default="resnet20,resnet56,mobilenetv2")
     ap.add_argument("--devices", default="cpu-ort,cpu-tvm")
     ap.add_argument("--n", type=int, default=50, help="random policies per model and device")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over the policies; each one's latency is its median")
     ap.add_argument("--data", default="fashion-mnist", help="sets the input shape")
     ap.add_argument("--compare-runtimes", default="cpu-ort,cpu-tvm-untuned,cpu-tvm",
                     help="devices on which each unpruned model is measured side by side")
@@ -78,14 +80,16 @@ def main() -> int:
                     for p in policies:
                         pred.predict(p)
                 per_s = reps * len(policies) / (time.perf_counter() - t1)
-                v = validate(setup, model, backend, n=args.n, progress=args.progress)
+                v = validate(setup, model, backend, n=args.n, rounds=args.rounds,
+                             progress=args.progress)
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{dev_name}-{name}.json").write_text(json.dumps(v, indent=1))
             scatter_png(v, out_dir / f"{dev_name}-{name}.png")
             per_model["predictor"][dev_name] = {
                 "table": str(setup.table.path), "entries": len(setup.table.entries),
                 "profile_s": round(profile_s, 1), "predictions_per_s": round(per_s),
-                "predictor": v["predictor"], "macs_proxy": v["macs_proxy"],
+                "rounds": v["rounds"], "predictor": v["predictor"],
+                "macs_proxy": v["macs_proxy"],
                 "median_iqr_pct": v["median_iqr_pct"], "calibration": v["calibration"],
                 "beats_macs_proxy": (v["predictor"]["within_10pct"]
                                      >= v["macs_proxy"]["within_10pct"]

@@ -175,8 +175,11 @@ def test_validation_end_to_end(tiny, tiny_table):
     _, model, _ = tiny
     setup, _ = tiny_table
     with get_backend(setup.device) as backend:
-        result = validate(setup, model, backend, n=5)
-    assert result["n"] == 5 and len(result["rows"]) == 5
+        result = validate(setup, model, backend, n=5, rounds=3)
+    assert result["n"] == 5 and len(result["rows"]) == 5 and result["rounds"] == 3
+    for r in result["rows"]:  # each policy measured once per pass; the median is reported
+        assert len(r["measured_rounds_ms"]) == 3
+        assert r["measured_ms"] == pytest.approx(sorted(r["measured_rounds_ms"])[1])
     for est in ("predictor", "macs_proxy"):
         assert set(result[est]) == {"mean_abs_pct_error", "within_10pct", "kendall_tau"}
         assert 0 <= result[est]["within_10pct"] <= 100
@@ -187,9 +190,11 @@ def test_profile_and_predict_cli(tiny_file, tmp_path):
     table = tmp_path / "t.json"
     proc = run_cli("profile", "--target-device", "cpu-ort", "--model", f"{tiny_file}:make",
                    "--data", "digits", "--table", table, "--calibrate", "3", "--validate", "4",
-                   "--out", tmp_path / "val", "--json", "--quiet", check=True)
+                   "--validate-rounds", "2", "--out", tmp_path / "val", "--json", "--quiet",
+                   check=True)
     out = json.loads(proc.stdout)
     assert out["entries"] > 0 and out["validation"]["n"] == 4
+    assert out["validation"]["rounds"] == 2
     assert (tmp_path / "val").glob("*.png")
     pngs = list((tmp_path / "val").glob("*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"
@@ -203,6 +208,15 @@ def test_profile_and_predict_cli(tiny_file, tmp_path):
     pred = json.loads(proc.stdout)
     assert pred["predicted_ms"] == pytest.approx(pred["full_ms"])
     assert pred["smallest_ms"] < pred["full_ms"]
+    saved = table.read_text()
+    for flag, value, words in (("--validate", "2", "at least 3 policies"),
+                               ("--validate-rounds", "0", "at least 1 pass"),
+                               ("--calibrate", "1", "at least 2 random")):
+        extra = [] if flag == "--validate" else ["--validate", "4"]
+        assert_user_error(run_cli("profile", "--target-device", "cpu-ort", "--model",
+                                  f"{tiny_file}:make", "--data", "digits", "--table", table,
+                                  *extra, flag, value), words)
+    assert table.read_text() == saved
 
 
 def test_measure_cli_with_policy(tmp_path):

@@ -205,24 +205,39 @@ def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int
 
 
 def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 50,
-             seed: int = 1, progress: bool = False) -> dict[str, Any]:
+             seed: int = 1, rounds: int = 3, progress: bool = False) -> dict[str, Any]:
     """Measure ``n`` random policies whole and compare with the predictor and with a
-    MACs-proportional proxy fitted (least squares) on the same measurements."""
+    MACs-proportional proxy fitted (least squares) on the same measurements.
+
+    The policies are measured in ``rounds`` passes, forward then backward in turn, and each
+    one's latency is the median over the passes: on a shared machine the load drifts over
+    minutes, and measuring each policy once in order gives neighbours a common error that
+    reorders them (Kendall tau) without any fault of the predictor."""
     from scipy.stats import kendalltau
 
     from ..count import count_macs
 
     pred = setup.predictor()
     x = torch.zeros(setup.space.input_shape)
+    policies = random_policies(setup.space, n, seed=seed)
+    pruned = [apply_policy(model, p, example_input=x) for p in policies]
+    stats: list[list] = [[] for _ in policies]
+    with bar("validate", n * rounds, enabled=progress,
+             fields="err {task.fields[err]}") as pbar:
+        for r in range(rounds):
+            order = range(n) if r % 2 == 0 else reversed(range(n))
+            for i in order:
+                stat = backend.measure_model(pruned[i], setup.space.input_shape)
+                stats[i].append(stat)
+                err = pred.predict(policies[i]) / stat.median_ms - 1
+                pbar.advance(err=f"{err * 100:+.1f}%")
     rows = []
-    with bar("validate", n, enabled=progress, fields="err {task.fields[err]}") as pbar:
-        for p in random_policies(setup.space, n, seed=seed):
-            pruned = apply_policy(model, p, example_input=x)
-            stat = backend.measure_model(pruned, setup.space.input_shape)
-            rows.append({"policy": p.to_dict(), "measured_ms": stat.median_ms,
-                         "measured_iqr_ms": stat.iqr_ms, "predicted_ms": pred.predict(p),
-                         "macs": count_macs(pruned, x)})
-            pbar.advance(err=f"{(rows[-1]['predicted_ms'] / stat.median_ms - 1) * 100:+.1f}%")
+    for p, m, st in zip(policies, pruned, stats, strict=True):
+        medians = [s.median_ms for s in st]
+        rows.append({"policy": p.to_dict(), "measured_ms": float(np.median(medians)),
+                     "measured_iqr_ms": float(np.median([s.iqr_ms for s in st])),
+                     "measured_rounds_ms": medians, "predicted_ms": pred.predict(p),
+                     "macs": count_macs(m, x)})
     measured = np.array([r["measured_ms"] for r in rows])
     predicted = np.array([r["predicted_ms"] for r in rows])
     macs = np.array([r["macs"] for r in rows], dtype=float)
@@ -238,7 +253,7 @@ def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int 
                 "within_10pct": float(np.mean(np.abs(rel) <= 0.10) * 100),
                 "kendall_tau": float(tau)}
 
-    return {"device": setup.device.name, "model": setup.key, "n": len(rows),
+    return {"device": setup.device.name, "model": setup.key, "n": len(rows), "rounds": rounds,
             "predictor": scores(predicted), "macs_proxy": scores(proxy),
             "median_iqr_pct": float(np.median([r["measured_iqr_ms"] / r["measured_ms"]
                                                for r in rows]) * 100),
