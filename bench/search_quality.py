@@ -54,6 +54,8 @@ def main() -> int:
                     help="channel multiple (default: the device's; budget 0.3 on cpu-ort needs 4)")
     ap.add_argument("--tables", help="latency tables folder (a finer grid adds entries: point "
                     "this at a copy to leave latency_tables/ as shipped)")
+    ap.add_argument("--amc-warmup", type=int, help="amc's random warm-up episodes "
+                    "(default: the searcher's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -84,8 +86,11 @@ def main() -> int:
             budget_ms = resolve_budget(pred, fraction=budget_f)
             for name in args.searchers.split(","):
                 for seed in map(int, args.seeds.split(",")):
+                    options = {"population": 32} if name == "evolution" else \
+                        {"warmup_episodes": args.amc_warmup} if name == "amc" and \
+                        args.amc_warmup is not None else {}
                     out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
-                                            pred, backend, full_measured, args.trials))
+                                            pred, backend, full_measured, args.trials, options))
                     print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
     out["summary"] = _summarise(out["runs"])
     print(json.dumps(out, indent=2))
@@ -93,9 +98,8 @@ def main() -> int:
 
 
 def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, full_measured,
-         trials):
+         trials, options):
     ev = Evaluator(model, data, space, pred, budget_ms=budget_ms, seed=seed)
-    options = {"population": 32} if name == "evolution" else {}
     searcher = SEARCHERS[name]()(space, pred, budget_ms, seed=seed, **options)
     found = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +118,8 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, ful
     # machine (seen here: 0.399 ms once for a policy that measures 0.271-0.275 ms)
     measured = statistics.median(backend.measure_model(pruned, space.input_shape).median_ms
                                  for _ in range(3))
-    return {"budget": budget_f, "searcher": name, "seed": seed, "evaluated": len(cands),
+    return {"budget": budget_f, "searcher": name, "seed": seed, "options": options,
+            "evaluated": len(cands),
             "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,
             "measured_ms": measured,
             "measured_over_budget": measured / (budget_f * full_measured),
