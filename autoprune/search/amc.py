@@ -18,8 +18,9 @@ Deviations from the paper, each for a reason:
   1/6), so with AMC's schedule the agent became deterministic after ~85 episodes and spent the
   rest of a 300-episode budget replaying cached policies: 70 to 87 distinct candidates
   evaluated, measured in ``bench/search_quality.py``.
-- The replay buffer holds AMC's 100 episodes (``rmsize`` 100 per layer in AMC's code), not
-  SB3's default 1e6 transitions, which also keeps each checkpoint small.
+- The replay buffer holds AMC's 100 episodes (``rmsize`` 100 per layer in AMC's code; it held
+  100,000 transitions before), which also keeps each checkpoint small. AMC's paper is silent
+  on it.
 """
 
 from __future__ import annotations
