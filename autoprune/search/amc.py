@@ -19,8 +19,7 @@ Deviations from the paper, each for a reason:
   rest of a 300-episode budget replaying cached policies: 70 to 87 distinct candidates
   evaluated, measured in ``bench/search_quality.py``.
 - The replay buffer holds AMC's 100 episodes (``rmsize`` 100 per layer in AMC's code; it held
-  100,000 transitions before), which also keeps each checkpoint small. AMC's paper is silent
-  on it.
+  100,000 transitions before), which also keeps each checkpoint small.
 """
 
 from __future__ import annotations
