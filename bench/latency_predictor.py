@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autoprune.data import load_dataset  # noqa: E402
 from autoprune.latency.backends import get_backend  # noqa: E402
 from autoprune.latency.devices import cpu_model, get_device, runtime_versions  # noqa: E402
-from autoprune.latency.profile import build_table, model_key, scatter_png, validate  # noqa: E402
+from autoprune.latency.profile import (  # noqa: E402
+    build_table,
+    estimate_scores,
+    model_key,
+    scatter_png,
+    validate,
+)
 from autoprune.latency.table import table_path  # noqa: E402
 from autoprune.models import ModelSpec, build_model  # noqa: E402
 from autoprune.space import SearchSpace, SpaceSpec  # noqa: E402
@@ -34,15 +40,8 @@ from autoprune.space import SearchSpace, SpaceSpec  # noqa: E402
 def _first_pass_scores(v: dict) -> dict:
     """The predictor scored against the first pass alone: what one pass of measurements, in
     order, would have reported for the same policies in the same run."""
-    import numpy as np
-    from scipy.stats import kendalltau
-
-    measured = np.array([r["measured_rounds_ms"][0] for r in v["rows"]])
-    predicted = np.array([r["predicted_ms"] for r in v["rows"]])
-    rel = (predicted - measured) / measured
-    return {"mean_abs_pct_error": float(np.mean(np.abs(rel)) * 100),
-            "within_10pct": float(np.mean(np.abs(rel) <= 0.10) * 100),
-            "kendall_tau": float(kendalltau(predicted, measured).statistic)}
+    return estimate_scores([r["predicted_ms"] for r in v["rows"]],
+                           [r["measured_rounds_ms"][0] for r in v["rows"]])
 
 
 def main() -> int:

@@ -207,11 +207,16 @@ def _lines(path):
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def _kill_midway(args, log, at_least):
+def _spawn(args, stderr=subprocess.DEVNULL):
+    """The CLI in a subprocess on one thread, left running."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "--threads", "1",
+    return subprocess.Popen([sys.executable, "-m", "autoprune.cli", "--threads", "1",
                              *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=stderr, text=True)
+
+
+def _kill_midway(args, log, at_least):
+    proc = _spawn(args)
     deadline = time.monotonic() + 300
     while len(_lines(log)) < at_least:
         assert proc.poll() is None, "search ended before it could be killed"
@@ -271,10 +276,7 @@ def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
     runs, trials = tmp_path / "runs", 12
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     args = [*_search_args(ckpt, tables, runs, "evolution", trials, "s"), "--storage", url]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "autoprune.cli", "--threads", "1",
-                               *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [_spawn(args, stderr=subprocess.PIPE) for _ in range(2)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     study = optuna.load_study(study_name="s", storage=url)

@@ -204,6 +204,18 @@ def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int
     return cal
 
 
+def estimate_scores(estimated, measured) -> dict[str, float]:
+    """Mean abs % error, % within +-10% and Kendall tau of latency estimates against
+    measurements."""
+    from scipy.stats import kendalltau
+
+    est, meas = np.asarray(estimated, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    rel = (est - meas) / meas
+    return {"mean_abs_pct_error": float(np.mean(np.abs(rel)) * 100),
+            "within_10pct": float(np.mean(np.abs(rel) <= 0.10) * 100),
+            "kendall_tau": float(kendalltau(est, meas).statistic)}
+
+
 def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 50,
              seed: int = 1, rounds: int = 3, progress: bool = False) -> dict[str, Any]:
     """Measure ``n`` random policies whole and compare with the predictor and with a
@@ -213,7 +225,6 @@ def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int 
     one's latency is the median over the passes: on a shared machine the load drifts over
     minutes, and measuring each policy once in order gives neighbours a common error that
     reorders them (Kendall tau) without any fault of the predictor."""
-    from scipy.stats import kendalltau
 
     from ..count import count_macs
 
@@ -246,15 +257,9 @@ def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int 
     for r, v in zip(rows, proxy, strict=True):
         r["macs_proxy_ms"] = float(v)
 
-    def scores(est):
-        rel = (est - measured) / measured
-        tau = kendalltau(est, measured).statistic
-        return {"mean_abs_pct_error": float(np.mean(np.abs(rel)) * 100),
-                "within_10pct": float(np.mean(np.abs(rel) <= 0.10) * 100),
-                "kendall_tau": float(tau)}
-
     return {"device": setup.device.name, "model": setup.key, "n": len(rows), "rounds": rounds,
-            "predictor": scores(predicted), "macs_proxy": scores(proxy),
+            "predictor": estimate_scores(predicted, measured),
+            "macs_proxy": estimate_scores(proxy, measured),
             "median_iqr_pct": float(np.median([r["measured_iqr_ms"] / r["measured_ms"]
                                                for r in rows]) * 100),
             "calibration": vars(setup.table.calibration[setup.key])
