@@ -5,8 +5,12 @@ Compiled modules are cached on disk, keyed by (model structure, input shapes, ta
 version, tuned or not). A tuned device (``tuning:`` in devices.yaml) first MetaSchedule-tunes
 every task of the module that its database lacks, with a trial budget per task; the database
 lives in ``latency_tables/<device>/tuning/`` beside the device's tables and is applied to the
-raw module through the ``static_shape_tuning`` pipeline (0 further trials). Tasks already
-tuned are never re-tuned, so a cached module stays valid.
+raw module (the ``static_shape_tuning`` pipeline's passes, with 0 further trials). Tasks
+already tuned are never re-tuned, so a cached module stays valid. Only tasks with a conv or
+matmul are tuned: a whole model also yields its pooling ``mean`` and a ``reshape`` per width,
+each worth microseconds and each costing ~2 min of tuning here, so they keep TVM's default
+schedule. The database (28 MB for ResNet-20's tasks, ~9 s to parse) is read once per backend,
+not once per compile.
 
 Known here (TVM 0.27): the default MetaSchedule builder's worker import takes ~34 s, beyond its
 30 s timeout, so the builder gets a longer one; apache-tvm-ffi 0.1.15.post2 segfaults in
@@ -34,6 +38,7 @@ from . import Backend, cache_dir, structure_hash
 log = logging.getLogger(__name__)
 
 BUILDER_TIMEOUT_S = 300  # the default 30 s is shorter than the builder worker's import here
+TUNED_OPS = ("conv2d", "matmul", "dense")  # a task is tuned when its name contains one of these
 
 
 class TvmBackend(Backend):
@@ -49,6 +54,7 @@ class TvmBackend(Backend):
         self.target = device.tvm_target()
         self.repeat, self.min_repeat_ms = repeat, min_repeat_ms
         self.tuned = device.tuned
+        self._db = None  # the tuning database, loaded on first use
         self.trials_per_task = trials_per_task or int(device.tuning.get("trials_per_task", 32))
         self.tuning_dir = Path(tuning_dir) if tuning_dir else \
             LATENCY_TABLES_DIR / device.name / "tuning"
@@ -100,18 +106,27 @@ class TvmBackend(Backend):
                 transform.DecomposeOpsForInference(), transform.CanonicalizeBindings(),
                 relax.get_pipeline("zero")])(mod)
 
-    def _tune_missing(self, mods) -> None:
-        """MetaSchedule-tune, in one run, the tasks of ``mods`` that the device's database
-        lacks (one run: the builder's worker start-up is paid once)."""
+    def _database(self):
+        """The device's tuning database, read once per backend."""
+        if self._db is None:
+            import tvm.s_tir.meta_schedule as ms
+
+            self.tuning_dir.mkdir(parents=True, exist_ok=True)
+            self._db = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
+        return self._db
+
+    def _tune_missing(self, lowered) -> None:
+        """MetaSchedule-tune, in one run, the conv/matmul tasks of the ``lowered`` modules that
+        the device's database lacks (one run: the builder's worker start-up is paid once)."""
         import tvm.s_tir.meta_schedule as ms
         import tvm_ffi  # structural_hash lives here in TVM 0.27
 
-        self.tuning_dir.mkdir(parents=True, exist_ok=True)
-        db = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
+        db = self._database()
         missing, seen = [], set()
-        for mod in mods:
-            for t in ms.relax_integration.extract_tasks(self._lower_for_tuning(mod),
-                                                        self.target):
+        for mod in lowered:
+            for t in ms.relax_integration.extract_tasks(mod, self.target):
+                if not any(op in t.task_name for op in TUNED_OPS):
+                    continue
                 h = tvm_ffi.structural_hash(t.dispatched[0])
                 if h in seen:
                     continue
@@ -144,7 +159,8 @@ class TvmBackend(Backend):
         mods = []
         for sig in sigs:
             module = OpModule(sig)
-            mods.append(self._relax_module(module, module.example_inputs(self.device.batch)))
+            mods.append(self._lower_for_tuning(
+                self._relax_module(module, module.example_inputs(self.device.batch))))
         self._tune_missing(mods)
 
     def compile(self, module, inputs, *, weights: bool = False) -> Path:
@@ -170,10 +186,12 @@ class TvmBackend(Backend):
             return path
         mod = self._relax_module(module, inputs)
         if self.tuned:
+            mod = self._lower_for_tuning(mod)
             self._tune_missing([mod])
-            with self.target:
-                mod = relax.pipeline.static_shape_tuning_pipeline(
-                    total_trials=0, target=self.target, work_dir=str(self.tuning_dir))(mod)
+            # what static_shape_tuning_pipeline(total_trials=0) does after lowering, with the
+            # database already in memory instead of re-read from its work_dir
+            with self.target, self._database():
+                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         executable = relax.build(mod, target=self.target)
         fcompile = None
         if self.device.cross_compiler:
