@@ -110,6 +110,11 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, ful
         t0 = time.perf_counter()
         searcher.run(ctx)
         wall = time.perf_counter() - t0
+        episodes = None  # amc: episodes run, some of which repeated a policy (no evaluation)
+        latest = Path(tmp) / "amc" / "latest.json"
+        if latest.is_file():
+            ckpt = Path(tmp) / "amc" / json.loads(latest.read_text())["dir"]
+            episodes = json.loads((ckpt / "state.json").read_text())["episodes_done"]
     cands = list(ev.cache.values())
     eval_s = [c.eval_s for c in cands]
     best = max((c for c in cands if c.feasible), key=lambda c: (c.val_acc, -c.latency_ms))
@@ -119,7 +124,7 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, ful
     measured = statistics.median(backend.measure_model(pruned, space.input_shape).median_ms
                                  for _ in range(3))
     return {"budget": budget_f, "searcher": name, "seed": seed, "options": options,
-            "evaluated": len(cands),
+            "evaluated": len(cands), "episodes": episodes,
             "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,
             "measured_ms": measured,
             "measured_over_budget": measured / (budget_f * full_measured),

@@ -160,6 +160,11 @@ def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, name, n):
     assert len(found) == n
     assert all(c.feasible for c in found)
     assert max(c.val_acc for c in found) > 0.1
+    if name == "amc":  # N evaluated candidates, however many episodes repeated a policy
+        assert len({c.policy for c in found}) == n
+        ckpt = ctx.state_dir / json.loads((ctx.state_dir / "latest.json").read_text())["dir"]
+        state = json.loads((ckpt / "state.json").read_text())
+        assert state["candidates_new"] == n <= state["episodes_done"]
 
 
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe"])

@@ -18,6 +18,11 @@ Deviations from the paper, each for a reason:
   1/6), so with AMC's schedule the agent became deterministic after ~85 episodes and spent the
   rest of a 300-episode budget replaying cached policies: 70 to 87 distinct candidates
   evaluated, measured in ``bench/search_quality.py``.
+- The run length is counted in evaluated candidates, not episodes (AMC: a fixed number of
+  episodes): an episode that repeats an earlier policy is served from the cache, so 300
+  episodes evaluated only 125 to 213 candidates, and amc was compared with searchers that
+  evaluated 300. It now runs until ``--trials`` distinct candidates, at most 5x as many
+  episodes.
 - The replay buffer holds AMC's 100 episodes (``rmsize`` 100 per layer in AMC's code; it held
   100,000 transitions before), which also keeps each checkpoint small.
 """
@@ -110,12 +115,13 @@ class PruningEnv(gym.Env):
         if done:
             policy = Policy.from_dict(self.partial)
             cand = self.evaluate(policy, self.episode)
+            # first evaluated in this episode (not a policy an earlier episode already had)
+            info = {"candidate": cand, "new": cand.trial == self.episode}
             self.episode += 1
             if self.reward_kind == "acc":
                 reward = cand.val_acc
             else:
                 reward = -(1.0 - cand.val_acc) * math.log(cand.latency_ms)
-            info = {"candidate": cand}
         obs = np.zeros(N_FEATURES, np.float32) if done else self._obs()
         return obs, float(reward), done, False, info
 
@@ -143,11 +149,21 @@ def make_agent_class():
             self.rng = np.random.default_rng(kwargs.get("seed") or 0)
             self._init_hooks()
             self.episodes_done = 0
+            self.candidates_new = 0  # episodes whose policy no earlier episode had
 
         def _init_hooks(self) -> None:
             self._episode: list[tuple] = []
             self.on_episode = lambda info: None  # progress: called with the episode's info
             self.on_checkpoint = lambda: None  # called where a checkpoint is consistent
+            self.should_stop = lambda: False  # checked before every episode
+
+        def collect_rollouts(self, env, callback, train_freq, replay_buffer, *args, **kwargs):
+            from stable_baselines3.common.type_aliases import RolloutReturn
+
+            if self.should_stop():
+                return RolloutReturn(0, 0, continue_training=False)
+            return super().collect_rollouts(env, callback, train_freq, replay_buffer, *args,
+                                            **kwargs)
 
         def _setup_model(self) -> None:
             super()._setup_model()
@@ -197,6 +213,7 @@ def make_agent_class():
                 replay_buffer.add(obs, nxt, act, advantage, np.array([True]), [{}])
             self._episode = []
             self.episodes_done += 1
+            self.candidates_new += bool(infos[0].get("new"))
             if self.episodes_done > self.warmup_episodes:
                 self.sigma_scaled = max(self.sigma_scaled * self.sigma_decay,
                                         self.sigma_min_scaled)
@@ -205,17 +222,37 @@ def make_agent_class():
                 self.on_checkpoint()  # no training follows this rollout: consistent now
 
         def train(self, gradient_steps: int, batch_size: int = 100) -> None:
-            super().train(gradient_steps, batch_size)
+            """SB3's DDPG update without its target networks: every stored transition is
+            terminal, so the critic's target is the reward itself and the target networks
+            (and their Polyak updates, a third of an update's time) never enter a loss."""
+            import torch.nn.functional as F
+
+            self.policy.set_training_mode(True)
+            self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
+            for _ in range(gradient_steps):
+                self._n_updates += 1
+                data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
+                critic_loss = sum(F.mse_loss(q, data.rewards)
+                                  for q in self.critic(data.observations, data.actions))
+                self.critic.optimizer.zero_grad()
+                critic_loss.backward()
+                self.critic.optimizer.step()
+                actor_loss = -self.critic.q1_forward(data.observations,
+                                                     self.actor(data.observations)).mean()
+                self.actor.optimizer.zero_grad()
+                actor_loss.backward()
+                self.actor.optimizer.step()
+            self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
             self.on_checkpoint()  # after the update that follows every episode
 
         def _excluded_save_params(self) -> list[str]:
             # hooks are closures over the running study; RNG and counters go in state.json
-            return [*super()._excluded_save_params(), "on_episode", "on_checkpoint", "rng",
-                    "_episode"]
+            return [*super()._excluded_save_params(), "on_episode", "on_checkpoint",
+                    "should_stop", "rng", "_episode"]
 
         def amc_state(self) -> dict:
             return {"sigma_scaled": self.sigma_scaled, "baseline": self.baseline,
-                    "episodes_done": self.episodes_done,
+                    "episodes_done": self.episodes_done, "candidates_new": self.candidates_new,
                     "rng": self.rng.bit_generator.state,
                     "np_global": np.random.get_state(),
                     "torch": torch.get_rng_state().numpy().tolist()}
@@ -225,6 +262,7 @@ def make_agent_class():
             self.rng = np.random.default_rng()
             self.sigma_scaled, self.baseline = state["sigma_scaled"], state["baseline"]
             self.episodes_done = state["episodes_done"]
+            self.candidates_new = state["candidates_new"]
             self.rng.bit_generator.state = state["rng"]
             np.random.set_state(state["np_global"])
             torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
@@ -233,10 +271,14 @@ def make_agent_class():
 
 
 class AMCSearcher(Searcher):
-    """``--trials N`` = N episodes in total. Checkpoints (agent, replay buffer, RNG states)
+    """``--trials N`` = N evaluated candidates in total, as for every searcher: the agent runs
+    episodes until N of them have produced a policy no earlier episode had (an episode that
+    repeats one is served from the cache and costs no evaluation), at most
+    ``max_episodes_per_trial`` x N episodes. Checkpoints (agent, replay buffer, RNG states)
     every ``checkpoint_every`` episodes under the study's ``amc/`` folder."""
 
     name = "amc"
+    max_episodes_per_trial = 5
 
     def __init__(self, space, predictor, budget_ms, *, seed: int = 0, reward: str = "acc",
                  warmup_episodes: int = 10, checkpoint_every: int = 5):
@@ -278,21 +320,30 @@ class AMCSearcher(Searcher):
                         sigma=0.5, sigma_decay=0.95, sigma_min=0.1,
                         warmup_episodes=self.warmup_episodes,
                         seed=self.seed, device="cpu", verbose=0)
-        remaining = ctx.n_trials - agent.episodes_done
-        if remaining <= 0:
+        max_episodes = self.max_episodes_per_trial * ctx.n_trials
+        remaining = max_episodes - agent.episodes_done
+        if remaining <= 0 or agent.candidates_new >= ctx.n_trials:
             return
 
+        def finished() -> bool:
+            return agent.candidates_new >= ctx.n_trials or agent.episodes_done >= max_episodes
+
         def on_episode(info):
-            if "candidate" in info:
+            # a replayed episode (after a resume) was already counted by the study
+            if info.get("new") and info["candidate"].trial not in ctx.done_trials:
                 ctx.on_candidate(info["candidate"])
 
         def on_checkpoint():
-            if agent.episodes_done % self.checkpoint_every == 0 or \
-                    agent.episodes_done >= ctx.n_trials:
+            if agent.episodes_done % self.checkpoint_every == 0 or finished():
                 self._save(agent, folder)
 
         agent.on_episode, agent.on_checkpoint = on_episode, on_checkpoint
+        agent.should_stop = finished
         agent.learn(total_timesteps=remaining * T, reset_num_timesteps=False)
+        if agent.candidates_new < ctx.n_trials:
+            log.warning("amc: stopped after %d episodes with %d distinct candidates of the %d "
+                        "asked for: the agent keeps proposing policies it has already tried",
+                        agent.episodes_done, agent.candidates_new, ctx.n_trials)
 
     @staticmethod
     def _save(agent, folder: Path) -> None:
