@@ -543,7 +543,8 @@ def cmd_search(args) -> int:
     if args.searcher == "evolution":
         options = {"population": args.population, "sampler": args.sampler}
     elif args.searcher == "amc":
-        options = {"reward": args.reward, "warmup_episodes": args.warmup_episodes}
+        options = {"reward": args.reward, "warmup_episodes": args.warmup_episodes,
+                   "action": args.amc_action}
     searcher = SEARCHERS[args.searcher]()(space, predictor, budget_ms, seed=args.seed,
                                          **options)
     n_trials = 1 if args.searcher == "uniform" else (args.trials or 100)
@@ -1112,6 +1113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=("acc", "acc-log-latency"), default="acc",
                    help="amc: reward at the end of an episode")
     p.add_argument("--warmup-episodes", type=int, default=10, help="amc: random episodes")
+    p.add_argument("--amc-action", choices=("bounds", "wall"), default="bounds",
+                   help="amc: an action spans the group's bounds, clipped by the action wall "
+                   "(AMC), or the group's minimum to the most the wall allows")
     p.add_argument("--val-images", type=int, default=2000, help="val images per candidate")
     p.add_argument("--no-adaptive-bn", action="store_true",
                    help="skip BN recalibration of pruned candidates")

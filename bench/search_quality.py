@@ -56,6 +56,8 @@ def main() -> int:
                     "this at a copy to leave latency_tables/ as shipped)")
     ap.add_argument("--amc-warmup", type=int, help="amc's random warm-up episodes "
                     "(default: the searcher's)")
+    ap.add_argument("--amc-action", choices=["bounds", "wall"],
+                    help="amc's action range (default: the searcher's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -86,9 +88,11 @@ def main() -> int:
             budget_ms = resolve_budget(pred, fraction=budget_f)
             for name in args.searchers.split(","):
                 for seed in map(int, args.seeds.split(",")):
-                    options = {"population": 32} if name == "evolution" else \
-                        {"warmup_episodes": args.amc_warmup} if name == "amc" and \
-                        args.amc_warmup is not None else {}
+                    options = {"population": 32} if name == "evolution" else {}
+                    if name == "amc":
+                        options.update({k: v for k, v in (("warmup_episodes", args.amc_warmup),
+                                                          ("action", args.amc_action))
+                                        if v is not None})
                     out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
                                             pred, backend, full_measured, args.trials, options))
                     print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)

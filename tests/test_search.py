@@ -101,13 +101,15 @@ def test_check_env(setup):
     check_env(env, skip_render_check=True)
 
 
-def test_action_wall_never_ends_infeasible(setup):
+@pytest.mark.parametrize("action", ["bounds", "wall"])
+def test_action_wall_never_ends_infeasible(setup, action):
     from autoprune.search.amc import PruningEnv
 
     _, space, pred, budget, ev = setup
     rng = np.random.default_rng(0)
     seen = []
-    env = PruningEnv(space, pred, budget, lambda p, ep: seen.append(p) or ev.evaluate(p))
+    env = PruningEnv(space, pred, budget, lambda p, ep: seen.append(p) or ev.evaluate(p),
+                     action=action)
     for _ in range(25):
         env.reset()
         done = False
@@ -115,6 +117,14 @@ def test_action_wall_never_ends_infeasible(setup):
             _, _, done, _, _ = env.step(rng.uniform(0, 1, size=1).astype(np.float32))
     assert len(seen) == 25
     assert all(pred.predict(p) <= budget * (1 + 1e-9) for p in seen)
+    if action == "wall":  # action 1 keeps all the wall allows: the last group fills the budget
+        env.reset()
+        done = False
+        while not done:
+            _, _, done, _, _ = env.step(np.ones(1, np.float32))
+        last = space.groups[-1]
+        wider = [c for c in last.choices if c > seen[-1][last.name]]
+        assert not wider or pred.predict({**seen[-1].to_dict(), last.name: wider[0]}) > budget
     wall = BudgetWall(space, pred, budget)
     for _ in range(200):  # clipping arbitrary proposals in group order is always feasible too
         proposal = {g.name: int(rng.choice(g.choices)) for g in space.groups}

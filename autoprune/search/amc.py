@@ -8,6 +8,9 @@ Deviations from the paper, each for a reason:
 - Every transition is stored as terminal with the episode's final reward minus the moving
   baseline. With AMC's gamma = 1 and one shared final reward the bootstrapped target only adds
   noise from the critic; the terminal target is the quantity AMC's reward shaping aims at.
+- So the update has no target networks (AMC's tau = 0.01 has nothing to act on): with every
+  transition terminal, SB3's target networks never entered a loss, and their Polyak updates
+  were a quarter of the agent's time.
 - The budget is latency predicted on the target device (AMC: FLOPs or latency from a table),
   and the wall uses the predictor's cheapest completion of the partial policy.
 - Policies already in the study's log are served from the cache: a resumed agent replays the
@@ -46,6 +49,9 @@ from .base import BudgetWall, SearchContext, Searcher
 log = logging.getLogger(__name__)
 
 N_FEATURES = 10
+# "bounds": the action spans the group's bounds and the wall clips it (AMC); "wall": the
+# action spans the group's minimum to the most the wall allows
+ACTIONS = ("bounds", "wall")
 KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 
 
@@ -68,13 +74,17 @@ def _group_features(space, predictor) -> np.ndarray:
 
 class PruningEnv(gym.Env):
     """Gymnasium env: one step per group; the action (in [0, 1]) picks the group's width
-    between its bounds, clipped by the action wall. Reward only at the end of an episode:
+    between its bounds, clipped by the action wall (``action="bounds"``, AMC), or between its
+    minimum and the most the wall allows (``"wall"``). Reward only at the end of an episode:
     val accuracy (``reward="acc"``) or ``-error * log(latency)`` (``"acc-log-latency"``)."""
 
-    def __init__(self, space, predictor, budget_ms: float, evaluate, *, reward: str = "acc"):
+    def __init__(self, space, predictor, budget_ms: float, evaluate, *, reward: str = "acc",
+                 action: str = "bounds"):
         super().__init__()
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         self.space, self.predictor, self.budget_ms = space, predictor, budget_ms
-        self.evaluate, self.reward_kind = evaluate, reward
+        self.evaluate, self.reward_kind, self.action = evaluate, reward, action
         self.wall = BudgetWall(space, predictor, budget_ms)
         self.static = _group_features(space, predictor)
         costs = predictor.group_costs(space.full())
@@ -105,9 +115,11 @@ class PruningEnv(gym.Env):
     def step(self, action):
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
         g = self.space.groups[self.t]
-        wanted = g.min_channels + a * (g.max_channels - g.min_channels)
+        most = self.wall.max_keep(self.partial, g.name)
+        top = most if self.action == "wall" else g.max_channels
+        wanted = g.min_channels + a * (top - g.min_channels)
         keep = min(g.choices, key=lambda c: (abs(c - wanted), -c))
-        self.partial[g.name] = self.wall.clip(self.partial, g.name, keep)
+        self.partial[g.name] = min(keep, most)
         self.prev_action = a
         self.t += 1
         done = self.t == len(self.space)
@@ -281,17 +293,18 @@ class AMCSearcher(Searcher):
     max_episodes_per_trial = 5
 
     def __init__(self, space, predictor, budget_ms, *, seed: int = 0, reward: str = "acc",
-                 warmup_episodes: int = 10, checkpoint_every: int = 5):
+                 warmup_episodes: int = 10, action: str = "bounds", checkpoint_every: int = 5):
         super().__init__(space, predictor, budget_ms, seed=seed)
-        self.reward, self.warmup_episodes = reward, warmup_episodes
+        self.reward, self.warmup_episodes, self.action = reward, warmup_episodes, action
         self.checkpoint_every = checkpoint_every
 
     def options(self) -> dict:
-        return {"reward": self.reward, "warmup_episodes": self.warmup_episodes}
+        return {"reward": self.reward, "warmup_episodes": self.warmup_episodes,
+                "action": self.action}
 
     def make_env(self, evaluate):
         return PruningEnv(self.space, self.predictor, self.budget_ms, evaluate,
-                          reward=self.reward)
+                          reward=self.reward, action=self.action)
 
     def run(self, ctx: SearchContext) -> None:
         import torch
