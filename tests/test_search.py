@@ -135,7 +135,7 @@ def _clipped_in_order(wall, space, proposal):
     """AMC's per-step wall applied to a whole proposal, group by group."""
     out = {}
     for g in space.groups:
-        out[g.name] = wall.clip(out, g.name, proposal[g.name])
+        out[g.name] = min(proposal[g.name], wall.max_keep(out, g.name))
     return Policy.from_dict(out)
 
 

@@ -10,7 +10,7 @@ Deviations from the paper, each for a reason:
   noise from the critic; the terminal target is the quantity AMC's reward shaping aims at.
 - So the update has no target networks (AMC's tau = 0.01 has nothing to act on): with every
   transition terminal, SB3's target networks never entered a loss, and their Polyak updates
-  were a quarter of the agent's time.
+  took about a quarter of each update's time.
 - The budget is latency predicted on the target device (AMC: FLOPs or latency from a table),
   and the wall uses the predictor's cheapest completion of the partial policy.
 - Policies already in the study's log are served from the cache: a resumed agent replays the
@@ -236,7 +236,7 @@ def make_agent_class():
         def train(self, gradient_steps: int, batch_size: int = 100) -> None:
             """SB3's DDPG update without its target networks: every stored transition is
             terminal, so the critic's target is the reward itself and the target networks
-            (and their Polyak updates, a third of an update's time) never enter a loss."""
+            (and their Polyak updates, about a quarter of an update's time) never enter a loss."""
             import torch.nn.functional as F
 
             self.policy.set_training_mode(True)

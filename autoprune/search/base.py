@@ -61,15 +61,12 @@ class BudgetWall:
                 hi = mid - 1
         return choices[lo]
 
-    def clip(self, partial: dict[str, int], group: str, wanted: int) -> int:
-        return min(wanted, self.max_keep(partial, group))
-
     def project(self, proposed: dict[str, int]) -> Policy:
         """A feasible policy that keeps the *shape* of a proposal: every group is moved toward
         its minimum by one common factor, the smallest move that fits; the slack that
         snapping to the grid leaves is then handed back, group by group, up to the proposal.
 
-        Clipping in group order (``clip``, AMC's per-step wall) puts every later group on its
+        Clipping in group order (``max_keep``, AMC's per-step wall) puts every later group on its
         minimum whenever early groups overspend, whatever was proposed for it: at tight
         budgets many proposals collapse onto the same few policies, and a searcher cannot
         learn the later groups.
