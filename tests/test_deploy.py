@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import ROOT, assert_user_error, run_cli
+from .conftest import ROOT, assert_user_error, mid_budget, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,12 @@ def chain(digits_ckpt, tmp_path_factory):
     """search (random, 6 candidates) -> finetune --distill -> export onnx,tvm,torch."""
     root = tmp_path_factory.mktemp("chain")
     tables, runs = root / "tables", root / "runs"
+    run_cli("profile", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables", tables,
+            "--quiet", check=True)
     run_cli("search", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables", tables,
-            "--latency-budget", "0.7", "--searcher", "random", "--trials", "6", "--study", "s",
-            "--runs", runs, "--val-images", "200", "--quiet", check=True)
+            "--latency-budget", mid_budget(digits_ckpt, tables), "--searcher", "random",
+            "--trials", "6", "--study", "s", "--runs", runs, "--val-images", "200", "--quiet",
+            check=True)
     # digits has ~1,200 training images (10 steps an epoch): more epochs, a larger lr
     ft = run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "8", "--lr", "0.05",
                  "--distill", "--quiet", "--json", check=True)

@@ -24,12 +24,13 @@ from autoprune.search import SEARCHERS, BudgetWall, SearchContext
 from autoprune.space import SearchSpace, SpaceSpec
 from autoprune.train import TrainConfig, train
 
-from .conftest import ROOT, assert_user_error, run_cli
+from .conftest import ROOT, assert_user_error, mid_budget, run_cli
 
 
 @pytest.fixture(scope="module")
 def setup(digits, tmp_path_factory):
-    """ResNet-20 briefly trained on digits, its cpu-ort table, an evaluator at budget 0.7."""
+    """ResNet-20 briefly trained on digits, its cpu-ort table, an evaluator at a budget
+    halfway between the smallest policy and the unpruned model."""
     spec = ModelSpec("resnet20", num_classes=10, in_channels=1, input_size=8)
     model = build_model(spec)
     train(model, digits, TrainConfig(epochs=3, batch_size=64, lr=0.05))
@@ -43,7 +44,8 @@ def setup(digits, tmp_path_factory):
                           path=tmp_path_factory.mktemp("t") / "cpu-ort" / "resnet20.json",
                           calibrate_n=3)
     pred = lat.predictor()
-    budget = resolve_budget(pred, fraction=0.7)
+    # halfway to the smallest policy: a fixed fraction can be infeasible (see mid_budget)
+    budget = resolve_budget(pred, fraction=(pred.min_latency() / pred.max_latency() + 1) / 2)
     ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=200, bn_batches=3)
     return model, space, pred, budget, ev
 
@@ -207,10 +209,10 @@ def cli_env(digits_ckpt, tmp_path_factory):
     tables = tmp_path_factory.mktemp("tables")
     run_cli("profile", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables",
             tables, "--calibrate", "3", "--quiet", check=True)
-    return digits_ckpt, tables
+    return digits_ckpt, tables, mid_budget(digits_ckpt, tables)
 
 
-def _search_args(ckpt, tables, runs, searcher, trials, study, budget="0.7"):
+def _search_args(ckpt, tables, runs, searcher, trials, study, budget):
     extra = {"evolution": ["--population", "4"], "amc": ["--warmup-episodes", "3"]}
     return ["search", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", tables,
             "--latency-budget", budget, "--searcher", searcher, "--trials", str(trials),
@@ -246,9 +248,9 @@ def _kill_midway(args, log, at_least):
 @pytest.mark.parametrize("searcher,trials,kill_at", [("random", 14, 4), ("evolution", 14, 6),
                                                      ("amc", 14, 9)])
 def test_resume_after_sigkill(cli_env, tmp_path, searcher, trials, kill_at):
-    ckpt, tables = cli_env
+    ckpt, tables, budget = cli_env
     runs = tmp_path / "runs"
-    args = _search_args(ckpt, tables, runs, searcher, trials, "s")
+    args = _search_args(ckpt, tables, runs, searcher, trials, "s", budget)
     log = runs / "s" / "candidates.jsonl"
     before = _kill_midway(args, log, kill_at)
     proc = run_cli(*args, check=True)
@@ -274,7 +276,7 @@ def test_resume_after_sigkill(cli_env, tmp_path, searcher, trials, kill_at):
         assert len(after) == len({json.loads(x)["trial"] for x in after})
     if searcher == "amc":
         # the resumed agent replays the same episodes: the log equals an uninterrupted run's
-        run_cli(*_search_args(ckpt, tables, runs, searcher, trials, "clean"), check=True)
+        run_cli(*_search_args(ckpt, tables, runs, searcher, trials, "clean", budget), check=True)
         clean = _lines(runs / "clean" / "candidates.jsonl")
         strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "eval_s"}  # noqa: E731
                                for x in lines]
@@ -287,10 +289,11 @@ def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    ckpt, tables = cli_env
+    ckpt, tables, budget = cli_env
     runs, trials = tmp_path / "runs", 12
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    args = [*_search_args(ckpt, tables, runs, "evolution", trials, "s"), "--storage", url]
+    args = [*_search_args(ckpt, tables, runs, "evolution", trials, "s", budget),
+            "--storage", url]
     procs = [_spawn(args, stderr=subprocess.PIPE) for _ in range(2)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
@@ -305,26 +308,26 @@ def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
 
 
 def test_changed_config_is_refused(cli_env, tmp_path):
-    ckpt, tables = cli_env
+    ckpt, tables, budget = cli_env
     runs = tmp_path / "runs"
-    run_cli(*_search_args(ckpt, tables, runs, "random", 2, "s"), check=True)
+    run_cli(*_search_args(ckpt, tables, runs, "random", 2, "s", budget), check=True)
     saved = (runs / "s" / "candidates.jsonl").read_text()
-    assert_user_error(run_cli(*_search_args(ckpt, tables, runs, "random", 2, "s", budget="0.8")),
+    other = f"{(float(budget) + 1) / 2:.3f}"
+    assert_user_error(run_cli(*_search_args(ckpt, tables, runs, "random", 2, "s", other)),
                       "different budget", "pick another `--study`")
-    assert_user_error(run_cli(*_search_args(ckpt, tables, runs, "uniform", 2, "s")),
+    assert_user_error(run_cli(*_search_args(ckpt, tables, runs, "uniform", 2, "s", budget)),
                       "different")
     assert (runs / "s" / "candidates.jsonl").read_text() == saved
     # more trials on the same study is a resume, not a change
-    run_cli(*_search_args(ckpt, tables, runs, "random", 4, "s"), check=True)
+    run_cli(*_search_args(ckpt, tables, runs, "random", 4, "s", budget), check=True)
     assert len(_lines(runs / "s" / "candidates.jsonl")) >= 3
     proc = run_cli("report", "--study", "s", "--runs", runs, "--json", check=True)
     assert json.loads(proc.stdout)["best"]["feasible"]
 
 
 def test_infeasible_budget_cli(cli_env, tmp_path):
-    ckpt, tables = cli_env
-    proc = run_cli(*_search_args(ckpt, tables, tmp_path / "runs", "random", 2, "s",
-                                 budget="0.05"))
+    ckpt, tables, _ = cli_env
+    proc = run_cli(*_search_args(ckpt, tables, tmp_path / "runs", "random", 2, "s", "0.05"))
     assert_user_error(proc, "below the smallest achievable")
     assert not (tmp_path / "runs" / "s").exists()
     assert_user_error(run_cli("report", "--study", "nope", "--runs", tmp_path), "no study")
