@@ -334,12 +334,12 @@ class AMCSearcher(Searcher):
                         warmup_episodes=self.warmup_episodes,
                         seed=self.seed, device="cpu", verbose=0)
         max_episodes = self.max_episodes_per_trial * ctx.n_trials
-        remaining = max_episodes - agent.episodes_done
-        if remaining <= 0 or agent.candidates_new >= ctx.n_trials:
-            return
 
         def finished() -> bool:
             return agent.candidates_new >= ctx.n_trials or agent.episodes_done >= max_episodes
+
+        if finished():
+            return
 
         def on_episode(info):
             # a replayed episode (after a resume) was already counted by the study
@@ -352,7 +352,8 @@ class AMCSearcher(Searcher):
 
         agent.on_episode, agent.on_checkpoint = on_episode, on_checkpoint
         agent.should_stop = finished
-        agent.learn(total_timesteps=remaining * T, reset_num_timesteps=False)
+        agent.learn(total_timesteps=(max_episodes - agent.episodes_done) * T,
+                    reset_num_timesteps=False)
         if agent.candidates_new < ctx.n_trials:
             log.warning("amc: stopped after %d episodes with %d distinct candidates of the %d "
                         "asked for: the agent keeps proposing policies it has already tried",
