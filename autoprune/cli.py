@@ -1014,8 +1014,15 @@ def _device_command(sub, name: str, help_: str) -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument gets one line (argparse prints its whole usage first), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"autoprune: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autoprune",
         description="Prune a trained PyTorch CNN for a named target device.")
     parser.add_argument("--version", action="version", version=f"autoprune {__version__}")

@@ -66,6 +66,15 @@ def test_prune_writes_smaller_model_and_onnx(digits_ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+def test_bad_arguments_get_one_line():
+    assert_user_error(run_cli("search", "--target-device", "cpu-ort", "--latency-budget", "0.5",
+                              "--amc-action", "nope"),
+                      "invalid choice: 'nope'", "autoprune search --help")
+    assert_user_error(run_cli("search", "--target-device", "cpu-ort"),
+                      "--latency-budget", "required")
+    assert_user_error(run_cli("frobnicate"), "invalid choice", "autoprune --help")
+
+
 def test_unknown_zoo_name():
     assert_user_error(run_cli("space", "--model", "resnet99", "--data", "digits"),
                       "unknown model 'resnet99'", "resnet20", "vgg11")
