@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -162,8 +163,11 @@ def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
 
 @pytest.mark.parametrize("name,n", [("uniform", 1), ("random", 6), ("evolution", 8),
                                     ("amc", 6)])
-def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, name, n):
+def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, monkeypatch, name, n):
     _, space, pred, budget, ev = setup
+    scratch = tmp_path / "tmp"  # the temp dir: nothing may be left behind in it
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     options = {"population": 4} if name == "evolution" else \
         {"warmup_episodes": 2} if name == "amc" else {}
     searcher = SEARCHERS[name]()(space, pred, budget, seed=0, **options)
@@ -177,6 +181,7 @@ def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, name, n):
         ckpt = ctx.state_dir / json.loads((ctx.state_dir / "latest.json").read_text())["dir"]
         state = json.loads((ckpt / "state.json").read_text())
         assert state["candidates_new"] == n <= state["episodes_done"]
+    assert list(scratch.iterdir()) == []  # e.g. SB3's default logger made an SB3-<date> folder
 
 
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe"])

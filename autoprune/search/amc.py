@@ -351,6 +351,9 @@ class AMCSearcher(Searcher):
                 self._save(agent, folder)
 
         agent.on_episode, agent.on_checkpoint = on_episode, on_checkpoint
+        # SB3's default logger makes an empty SB3-<date> folder in the temp dir on every learn()
+        from stable_baselines3.common.logger import Logger
+        agent.set_logger(Logger(folder=None, output_formats=[]))
         agent.should_stop = finished
         agent.learn(total_timesteps=(max_episodes - agent.episodes_done) * T,
                     reset_num_timesteps=False)
