@@ -393,10 +393,11 @@ def cmd_profile(args) -> int:
     with _backend(device, args) as backend:
         setup = build_table(loaded.model, space, device, backend, key=key,
                             model_name=loaded.spec.name, path=path, rebuild=args.rebuild,
-                            calibrate_n=args.calibrate, progress=not args.quiet)
+                            calibrate_n=args.calibrate, recalibrate=args.recalibrate,
+                            progress=not args.quiet)
         cal = setup.table.calibration[key]
         summary = {"table": str(setup.table.path), "entries": len(setup.table.entries),
-                   "device": device.name, "model": key, "calibration": vars(cal)}
+                   "device": device.name, "model": key, "calibration": cal.to_dict()}
         pred = setup.predictor()
         summary["predicted_ms"] = {"full": pred.max_latency(), "smallest": pred.min_latency()}
         if args.validate:
@@ -415,7 +416,8 @@ def cmd_profile(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"latency table {summary['table']}: {summary['entries']} op entries")
-    print(f"calibration: measured = {cal.scale:.4f} x sum(ops) {cal.offset_ms:+.4f} ms "
+    kinds = "".join(f", {k} ops x {v:.4f}" for k, v in sorted(cal.kind_scales.items()))
+    print(f"calibration: measured = {cal.scale:.4f} x sum(ops) {cal.offset_ms:+.4f} ms{kinds} "
           f"(fit on {cal.n} whole-model runs, mean abs error {cal.fit_mean_abs_pct:.2f}%)")
     print(f"predicted latency: full {summary['predicted_ms']['full']:.4f} ms, smallest policy "
           f"{summary['predicted_ms']['smallest']:.4f} ms")
@@ -1082,6 +1084,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _device_command(sub, "profile", "build the latency table of a model on a device")
     p.add_argument("--table", help="table path (default latency_tables/<device>/<model>.json)")
     p.add_argument("--rebuild", action="store_true", help="discard the existing table")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="fit the calibration again on new whole-model runs, keeping the op "
+                        "entries")
     p.add_argument("--calibrate", type=int, default=16,
                    help="random policies measured whole to calibrate (plus full and smallest)")
     p.add_argument("--validate", type=int, metavar="N",

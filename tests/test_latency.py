@@ -203,6 +203,13 @@ def test_profile_and_predict_cli(tiny_file, tmp_path):
     run_cli("profile", "--target-device", "cpu-ort", "--model", f"{tiny_file}:make", "--data",
             "digits", "--table", table, "--quiet", check=True)
     assert json.loads(table.read_text())["entries"] == before
+    # --recalibrate: new whole-model runs (2 random + full + smallest), the same op entries
+    proc = run_cli("profile", "--target-device", "cpu-ort", "--model", f"{tiny_file}:make",
+                   "--data", "digits", "--table", table, "--recalibrate", "--calibrate", "2",
+                   "--json", "--quiet", check=True)
+    assert json.loads(proc.stdout)["calibration"]["n"] == 4
+    assert json.loads(table.read_text())["entries"] == before
+    assert json.loads(table.read_text())["calibration"][out["model"]]["n"] == 4
     proc = run_cli("predict", "--target-device", "cpu-ort", "--model", f"{tiny_file}:make",
                    "--data", "digits", "--table", table, "--json", check=True)
     pred = json.loads(proc.stdout)
@@ -352,6 +359,46 @@ def test_coarse_profile_grid_interpolates(tiny, tmp_path):
     assert at[16] <= at[24] <= at[32]
     assert all(math.isfinite(pred.predict(p)) for p in
                [space.uniform(r) for r in (0.25, 0.5, 0.75, 1.0)])
+
+
+def test_kind_calibration_fits_depthwise_apart_only_where_it_predicts_better():
+    from autoprune.latency.profile import fit_calibration, fit_kind_calibration
+
+    rng = np.random.default_rng(0)
+    rest, dw = rng.uniform(0.3, 0.7, 18), rng.uniform(0.1, 0.4, 18)
+    # depthwise ops timed alone cost 2.5x what they cost in the network (MobileNetV2 here)
+    measured = 0.95 * rest + 0.4 * dw + 0.02 + rng.normal(0, 0.003, 18)
+    scale, offset, kinds = fit_kind_calibration(rest, {"depthwise": dw}, measured)
+    assert scale == pytest.approx(0.95, abs=0.05) and offset == pytest.approx(0.02, abs=0.02)
+    assert kinds["depthwise"] == pytest.approx(0.4, abs=0.05)
+    # one scale for every op: the extra term does not predict left-out runs better
+    measured = 0.9 * (rest + dw) - 0.05 + rng.normal(0, 0.003, 18)
+    assert fit_kind_calibration(rest, {"depthwise": dw}, measured) == \
+        (*fit_calibration(rest + dw, measured), {})
+    # a depthwise cost that never changes is part of the offset
+    fixed = np.full(18, 0.2)
+    assert fit_kind_calibration(rest, {"depthwise": fixed}, measured)[2] == {}
+
+
+def test_predictor_applies_kind_scales(tiny_table, tmp_path):
+    from autoprune.latency.table import Calibration
+
+    setup, path = tiny_table
+    cal = setup.table.calibration[setup.key]
+    raw = setup.predictor(calibrated=False)
+    table = LatencyTable.load(path)
+    table.calibration[setup.key] = Calibration(cal.scale, cal.offset_ms, cal.n,
+                                               cal.fit_mean_abs_pct, {"linear": 0.5})
+    table.save(tmp_path / "kinds.json")
+    again = LatencyTable.load(tmp_path / "kinds.json")
+    assert again.calibration[setup.key].kind_scales == {"linear": 0.5}
+    pred = type(setup)(setup.device, setup.space, setup.ops, again, setup.key).predictor()
+    for policy in (setup.space.full(), setup.space.smallest(), setup.space.uniform(0.5)):
+        ms = raw.ops_ms(policy.to_dict())
+        want = sum((0.5 if op.kind == "linear" else cal.scale) * m
+                   for op, m in zip(setup.ops, ms, strict=True)) + cal.offset_ms
+        assert pred.predict(policy) == pytest.approx(want)
+        assert sum(pred.group_costs(policy).values()) == pytest.approx(want)
 
 
 def test_calibration_fit_recovers_a_line_and_refuses_a_flat_one():

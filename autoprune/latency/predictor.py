@@ -5,7 +5,8 @@ output channels; linear for depthwise) between the grid points of its family. Co
 non-decreasing across the device's channel multiples (a cumulative max along each axis), so
 measurement noise never makes a wider layer look cheaper; non-multiples keep their raw value,
 since runtimes really do run them on slower kernels. The sum of op costs is calibrated to
-whole-model latency with the table's fitted scale and offset for this model.
+whole-model latency with the table's fitted scale (per op kind where fitted so) and offset for
+this model.
 
 For speed (>= 10,000 predictions/s) every op's cost over its groups' channel grid is computed
 once; a prediction is then one array lookup per op.
@@ -111,6 +112,9 @@ class LatencyPredictor:
         # per op: (in group, out group, in choices, out choices, cost matrix)
         self._compiled = [self._compile(op) for op in ops]
         self._full_dict = space.full().to_dict()
+        cal = self.calibration
+        self._weights = [cal.scale_for(op.kind) if cal else 1.0 for op in ops]
+        self._offset = cal.offset_ms if cal else 0.0
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -167,16 +171,14 @@ class LatencyPredictor:
                 out.append(costs[i, j])
         return out
 
-    def calibrate(self, ops_sum_ms: float) -> float:
-        return self.calibration.apply(ops_sum_ms) if self.calibration else ops_sum_ms
-
     def predict(self, policy: Policy | dict[str, int]) -> float:
         """Predicted whole-model latency in ms. Groups the policy does not name are full."""
         if isinstance(policy, Policy):
             policy = policy.to_dict()
         full = self._full_dict
         merged = policy if len(policy) == len(full) else {**full, **policy}
-        return self.calibrate(float(sum(self.ops_ms(merged))))
+        return float(sum(w * ms for w, ms in zip(self._weights, self.ops_ms(merged),
+                                                 strict=True))) + self._offset
 
     def group_costs(self, policy: Policy | dict[str, int]) -> dict[str, float]:
         """Calibrated ms attributed to each group (an op counts for the group pruning its
@@ -184,11 +186,11 @@ class LatencyPredictor:
         if isinstance(policy, Policy):
             policy = policy.to_dict()
         merged = {**self._full_dict, **policy}
-        scale = self.calibration.scale if self.calibration else 1.0
         out: dict[str, float] = defaultdict(float)
-        for ms, (_, out_group, *_rest) in zip(self.ops_ms(merged), self._compiled, strict=True):
-            out[out_group or "<fixed>"] += scale * ms
-        out["<fixed>"] += self.calibration.offset_ms if self.calibration else 0.0
+        for w, ms, (_, out_group, *_rest) in zip(self._weights, self.ops_ms(merged),
+                                                 self._compiled, strict=True):
+            out[out_group or "<fixed>"] += w * ms
+        out["<fixed>"] += self._offset
         return dict(out)
 
     def cheapest_completion(self, partial: dict[str, int]) -> float:

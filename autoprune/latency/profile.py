@@ -125,8 +125,10 @@ def measure_policy(backend: Backend, model: nn.Module, policy: Policy,
 
 def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, backend: Backend, *,
                 key: str, model_name: str, path: Path | None = None, rebuild: bool = False,
-                calibrate_n: int = 16, seed: int = 0, progress: bool = False) -> LatencySetup:
-    """Measure every grid signature the table lacks, then fit the calibration."""
+                calibrate_n: int = 16, recalibrate: bool = False, seed: int = 0,
+                progress: bool = False) -> LatencySetup:
+    """Measure every grid signature the table lacks, then fit the calibration (again, with
+    ``recalibrate``, when the table has one)."""
     versions = backend.versions()
     table = open_table(device, key, versions, path=path, rebuild=rebuild, model=model_name)
     x = torch.zeros(space.input_shape)
@@ -153,12 +155,15 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
     finally:
         table.save()  # what was measured is kept, even on Ctrl-C
     setup = LatencySetup(device, space, ops, table, key)
-    if key not in table.calibration or missing:
+    if key not in table.calibration or missing or recalibrate:
         calibrate(setup, model, backend, n=calibrate_n, seed=seed, progress=progress)
     return setup
 
 
 SCALE_RANGE = (0.5, 2.0)  # plausible measured / sum-of-ops ratios; see calibrate()
+# depthwise convs timed alone were measured here at ~2.5x their cost inside MobileNetV2
+KIND_SCALE_RANGE = (0.1, 2.0)
+SEPARATE_KINDS = ("depthwise",)  # op kinds that may get a scale of their own
 
 
 def fit_calibration(sums, measured, *, key: str = "") -> tuple[float, float]:
@@ -176,10 +181,57 @@ def fit_calibration(sums, measured, *, key: str = "") -> tuple[float, float]:
     return float(np.sum(x / y) / np.sum((x / y) ** 2)), 0.0
 
 
+def fit_kind_calibration(rest, kinds: dict[str, Any], measured, *,
+                         key: str = "") -> tuple[float, float, dict[str, float]]:
+    """measured ~= scale * rest + sum(kind_scale * kinds[kind]) + offset, where ``rest`` is the
+    per-policy sum of the ops of no kind in ``kinds``. A kind gets its own scale only where
+    that predicts left-out runs better than one scale for all (leave-one-out relative error)
+    and every scale stays plausible; otherwise this is `fit_calibration` on the total."""
+    y = np.asarray(measured, dtype=np.float64)
+    rest = np.asarray(rest, dtype=np.float64)
+    cols = {k: np.asarray(v, dtype=np.float64) for k, v in kinds.items()
+            if np.ptp(np.asarray(v, dtype=np.float64)) > 0}  # a fixed cost is the offset's
+    total = rest + sum((np.asarray(v, dtype=np.float64) for v in kinds.values()),
+                       np.zeros_like(y))
+    scale, offset = fit_calibration(total, y, key=key)
+    if not cols or len(y) < len(cols) + 4:
+        return scale, offset, {}
+    X = np.column_stack([rest, *cols.values(), np.ones_like(y)])
+
+    def fit(rows):  # least squares on relative error
+        coef, *_ = np.linalg.lstsq(X[rows] / y[rows, None], np.ones(len(rows)), rcond=None)
+        return coef
+
+    def loo(predict):
+        errs = []
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            errs.append(abs(predict(keep, i) / y[i] - 1))
+        return float(np.mean(errs))
+
+    coef = fit(np.arange(len(y)))
+    plausible = SCALE_RANGE[0] <= coef[0] <= SCALE_RANGE[1] and all(
+        KIND_SCALE_RANGE[0] <= c <= KIND_SCALE_RANGE[1] for c in coef[1:-1])
+    if not plausible:
+        return scale, offset, {}
+    single = np.column_stack([total, np.ones_like(y)])
+
+    def single_pred(keep, i):
+        c, *_ = np.linalg.lstsq(single[keep] / y[keep, None], np.ones(int(keep.sum())),
+                                rcond=None)
+        return float(single[i] @ c)
+
+    separate = loo(lambda keep, i: float(X[i] @ fit(np.flatnonzero(keep))))
+    if separate >= loo(single_pred):
+        return scale, offset, {}
+    return float(coef[0]), float(coef[-1]), dict(zip(cols, map(float, coef[1:-1]), strict=True))
+
+
 def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 16,
               seed: int = 0, progress: bool = False) -> Calibration:
     """Fit measured = scale * sum(op ms) + offset on the full, smallest and ``n`` random
-    policies, weighting by 1/measured so the fit minimises relative error.
+    policies, weighting by 1/measured so the fit minimises relative error; depthwise convs may
+    get a scale of their own (`fit_kind_calibration`).
 
     (An extra term for activation sizes, correcting the layout reorders an op timed alone pays,
     was tried: it improved held-out ranking on ResNets, but any negative weight on it made some
@@ -187,18 +239,24 @@ def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int
     allow, so it was dropped.)"""
     space, table = setup.space, setup.table
     raw = setup.predictor(calibrated=False)
+    kinds = [op.kind if op.kind in SEPARATE_KINDS else "" for op in raw.ops]
     policies = [space.full(), space.smallest(), *random_policies(space, n, seed=seed + 7919)]
-    sums, measured = [], []
+    parts: dict[str, list[float]] = {k: [] for k in dict.fromkeys(kinds)}
+    measured = []
     with bar("calibrate", len(policies), enabled=progress) as pbar:
         for p in policies:
-            sums.append(sum(raw.ops_ms(p.to_dict())))
+            ms = raw.ops_ms(p.to_dict())
+            for k in parts:
+                parts[k].append(sum(m for m, kind in zip(ms, kinds, strict=True) if kind == k))
             measured.append(measure_policy(backend, model, p, space.input_shape).median_ms)
             pbar.advance()
-    x, y = np.array(sums), np.array(measured)
-    scale, offset = fit_calibration(x, y, key=setup.key)
-    fit = scale * x + offset
+    y = np.array(measured)
+    rest = np.array(parts.pop("", np.zeros(len(y))))
+    scale, offset, kind_scales = fit_kind_calibration(rest, parts, y, key=setup.key)
+    fit = scale * rest + offset + sum((kind_scales.get(k, scale) * np.array(v)
+                                       for k, v in parts.items()), np.zeros_like(y))
     cal = Calibration(float(scale), float(offset), len(y),
-                      float(np.mean(np.abs(fit - y) / y) * 100))
+                      float(np.mean(np.abs(fit - y) / y) * 100), kind_scales)
     table.calibration[setup.key] = cal
     table.save()
     return cal
@@ -262,7 +320,7 @@ def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int 
             "macs_proxy": estimate_scores(proxy, measured),
             "median_iqr_pct": float(np.median([r["measured_iqr_ms"] / r["measured_ms"]
                                                for r in rows]) * 100),
-            "calibration": vars(setup.table.calibration[setup.key])
+            "calibration": setup.table.calibration[setup.key].to_dict()
             if setup.key in setup.table.calibration else None,
             "rows": rows}
 

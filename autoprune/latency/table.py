@@ -21,15 +21,25 @@ TABLE_FORMAT = "autoprune-latency-table-v1"
 
 @dataclass(frozen=True)
 class Calibration:
-    """measured_ms ~= scale * (sum of per-op ms) + offset_ms, fitted on whole-model runs."""
+    """measured_ms ~= scale * (sum of per-op ms) + offset_ms, fitted on whole-model runs. An op
+    kind in ``kind_scales`` has its own scale instead (depthwise convs, where a model has them
+    and a separate scale fits better: timed alone they cost far more than inside a network)."""
 
     scale: float
     offset_ms: float
     n: int
     fit_mean_abs_pct: float  # in-sample mean abs % error of the fit
+    kind_scales: dict[str, float] = field(default_factory=dict)
 
-    def apply(self, ops_ms: float) -> float:
-        return self.scale * ops_ms + self.offset_ms
+    def scale_for(self, kind: str) -> float:
+        return self.kind_scales.get(kind, self.scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"scale": self.scale, "offset_ms": self.offset_ms, "n": self.n,
+             "fit_mean_abs_pct": self.fit_mean_abs_pct}
+        if self.kind_scales:
+            d["kind_scales"] = dict(sorted(self.kind_scales.items()))
+        return d
 
 
 @dataclass
@@ -87,9 +97,7 @@ class LatencyTable:
                            "batch": self.batch, "created": self.created},
             "entries": {k: [v.median_ms, v.iqr_ms, v.n]
                         for k, v in sorted(self.entries.items())},
-            "calibration": {k: {"scale": c.scale, "offset_ms": c.offset_ms, "n": c.n,
-                                "fit_mean_abs_pct": c.fit_mean_abs_pct}
-                            for k, c in sorted(self.calibration.items())},
+            "calibration": {k: c.to_dict() for k, c in sorted(self.calibration.items())},
         }
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -114,7 +122,9 @@ class LatencyTable:
             for k in entries:
                 OpSig.from_key(k)  # every key must parse
             calibration = {k: Calibration(float(c["scale"]), float(c["offset_ms"]), int(c["n"]),
-                                          float(c["fit_mean_abs_pct"]))
+                                          float(c["fit_mean_abs_pct"]),
+                                          {str(kind): float(v) for kind, v
+                                           in c.get("kind_scales", {}).items()})
                            for k, c in d.get("calibration", {}).items()}
             return cls(p["device"], p["runtime"], dict(p["versions"]), p["cpu"],
                        int(p["threads"]), int(p["batch"]), p["created"], entries, calibration,
