@@ -147,11 +147,12 @@ def _summarise(runs):
                          "max_measured_over_budget": max(r["measured_over_budget"] for r in rs),
                          "mean_overhead_pct": statistics.mean(r["searcher_overhead_pct"]
                                                               for r in rs)}
-        base = max(row.get("uniform", {}).get("mean_val_acc", 0),
-                   row.get("random", {}).get("mean_val_acc", 0))
+        # None unless this run had both baselines to compare with
+        baselines = [row[b]["mean_val_acc"] for b in ("uniform", "random") if b in row]
         for name in ("amc", "evolution"):
             if name in row:
-                row[name]["beats_uniform_and_random"] = row[name]["mean_val_acc"] > base
+                row[name]["beats_uniform_and_random"] = \
+                    row[name]["mean_val_acc"] > max(baselines) if len(baselines) == 2 else None
         out[str(budget)] = row
     return out
 
