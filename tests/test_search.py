@@ -184,6 +184,32 @@ def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, monkeypatch, nam
     assert list(scratch.iterdir()) == []  # e.g. SB3's default logger made an SB3-<date> folder
 
 
+def test_amc_noise_decays_on_new_policies_and_grows_on_repeats(setup):
+    """After warm-up, an episode with a new policy decays the exploration noise by 0.95 down
+    to the floor; an episode that repeats a policy raises it, up to the initial sigma."""
+    _, space, pred, budget, ev = setup
+    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0, warmup_episodes=1)
+    env = searcher.make_env(lambda p, ep: ev.evaluate(p))
+    agent = searcher.make_agent(env)
+    obs, _ = env.reset()
+    start, low, high = agent.sigma_scaled, agent.sigma_min_scaled, agent.sigma_max_scaled
+    assert (start, low, high) == pytest.approx((1.0, 0.2, 1.0))  # 0.5 and 0.1 in [0, 1] units
+
+    def episode(new):
+        agent._last_obs = obs[None]
+        agent._store_transition(agent.replay_buffer, np.zeros((1, 1), np.float32), obs[None],
+                                np.array([0.5]), np.array([True]), [{"new": new}])
+        return agent.sigma_scaled
+
+    assert episode(True) == start  # the warm-up episode leaves it alone
+    assert [episode(True) for _ in range(5)] == pytest.approx([0.95 ** k for k in range(1, 6)])
+    assert agent.sigma_growth == pytest.approx(0.95 ** -4)
+    assert episode(False) == pytest.approx(0.95)
+    assert max(episode(False) for _ in range(50)) == pytest.approx(high)  # capped
+    assert min(episode(True) for _ in range(100)) == pytest.approx(low)  # floored
+    assert agent.episodes_done == 157 and agent.candidates_new == 106
+
+
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
 def test_single_objective_samplers(setup, tmp_path, sampler):
     _, space, pred, budget, ev = setup

@@ -21,6 +21,12 @@ Deviations from the paper, each for a reason:
   1/6), so with AMC's schedule the agent became deterministic after ~85 episodes and spent the
   rest of a 300-episode budget replaying cached policies: 70 to 87 distinct candidates
   evaluated, measured in ``bench/search_quality.py``.
+- The noise decays only after an episode that found a policy no earlier episode had; an
+  episode that repeats one *raises* it by ``sigma_growth`` (up to AMC's initial 0.5). At a tight
+  budget the wall clips a saturated actor to the same policy whatever the noise below the
+  wall does, and the floor alone left two of three agents with fewer than 30 distinct
+  policies in 1,500 episodes at budget 0.3. With growth 0.95^-4 the noise settles where about
+  four episodes in five are new.
 - The run length is counted in evaluated candidates, not episodes (AMC: a fixed number of
   episodes): an episode that repeats an earlier policy is served from the cache, so 300
   episodes evaluated only 125 to 213 candidates, and amc was compared with searchers that
@@ -151,12 +157,13 @@ def make_agent_class():
 
         def __init__(self, *args, critic_lr: float = 1e-3, sigma: float = 0.5,
                      sigma_decay: float = 0.95, sigma_min: float = 0.1,
-                     warmup_episodes: int = 10,
+                     sigma_growth: float = 0.95 ** -4, warmup_episodes: int = 10,
                      baseline_alpha: float = 0.5, **kwargs):
             self.critic_lr = critic_lr
             super().__init__(*args, **kwargs)
             # sigma is given in the [0, 1] action range; SB3 acts in the scaled [-1, 1] range
             self.sigma_scaled, self.sigma_min_scaled = 2.0 * sigma, 2.0 * sigma_min
+            self.sigma_max_scaled, self.sigma_growth = 2.0 * sigma, sigma_growth
             self.sigma_decay, self.warmup_episodes = sigma_decay, warmup_episodes
             self.baseline_alpha = baseline_alpha
             self.baseline: float | None = None
@@ -227,10 +234,15 @@ def make_agent_class():
                 replay_buffer.add(obs, nxt, act, advantage, np.array([True]), [{}])
             self._episode = []
             self.episodes_done += 1
-            self.candidates_new += bool(infos[0].get("new"))
+            new = bool(infos[0].get("new"))
+            self.candidates_new += new
             if self.episodes_done > self.warmup_episodes:
-                self.sigma_scaled = max(self.sigma_scaled * self.sigma_decay,
-                                        self.sigma_min_scaled)
+                if new:
+                    self.sigma_scaled = max(self.sigma_scaled * self.sigma_decay,
+                                            self.sigma_min_scaled)
+                else:  # a repeat: the agent is stuck on policies it has tried
+                    self.sigma_scaled = min(self.sigma_scaled * self.sigma_growth,
+                                            self.sigma_max_scaled)
             self.on_episode(infos[0])
             if self.num_timesteps <= self.learning_starts:
                 self.on_checkpoint()  # no training follows this rollout: consistent now
@@ -281,6 +293,9 @@ def make_agent_class():
             self._init_hooks()
             self.rng = np.random.default_rng()
             self.sigma_scaled, self.baseline = state["sigma_scaled"], state["baseline"]
+            # checkpoints written before the noise could grow again lack these
+            self.sigma_max_scaled = getattr(self, "sigma_max_scaled", 1.0)
+            self.sigma_growth = getattr(self, "sigma_growth", 0.95 ** -4)
             self.episodes_done = state["episodes_done"]
             self.candidates_new = state["candidates_new"]
             self.rng.bit_generator.state = state["rng"]
