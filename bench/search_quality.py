@@ -56,7 +56,7 @@ def main() -> int:
                     "this at a copy to leave latency_tables/ as shipped)")
     ap.add_argument("--amc-warmup", type=int, help="amc's random warm-up episodes "
                     "(default: the searcher's)")
-    ap.add_argument("--amc-action", choices=["bounds", "wall"],
+    ap.add_argument("--amc-action", choices=["bounds", "wall", "share"],
                     help="amc's action range (default: the searcher's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -104,7 +104,7 @@ def test_check_env(setup):
     check_env(env, skip_render_check=True)
 
 
-@pytest.mark.parametrize("action", ["bounds", "wall"])
+@pytest.mark.parametrize("action", ["bounds", "wall", "share"])
 def test_action_wall_never_ends_infeasible(setup, action):
     from autoprune.search.amc import PruningEnv
 
@@ -128,6 +128,15 @@ def test_action_wall_never_ends_infeasible(setup, action):
         last = space.groups[-1]
         wider = [c for c in last.choices if c > seen[-1][last.name]]
         assert not wider or pred.predict({**seen[-1].to_dict(), last.name: wider[0]}) > budget
+    if action == "share":  # action 0 spends nothing; 0.5 spreads the slack over the groups
+        for a, check in ((0.0, lambda p: p == space.smallest()),
+                         (0.5, lambda p: sum(p[g.name] > g.min_channels for g in space.groups)
+                          >= len(space) // 2)):
+            env.reset()
+            done = False
+            while not done:
+                _, _, done, _, _ = env.step(np.full(1, a, np.float32))
+            assert check(seen[-1]), (a, seen[-1])
     wall = BudgetWall(space, pred, budget)
     for _ in range(200):  # clipping arbitrary proposals in group order is always feasible too
         proposal = {g.name: int(rng.choice(g.choices)) for g in space.groups}

@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 
 N_FEATURES = 10
 # "bounds": the action spans the group's bounds and the wall clips it (AMC); "wall": the
-# action spans the group's minimum to the most the wall allows
-ACTIONS = ("bounds", "wall")
+# action spans the group's minimum to the most the wall allows; "share": the action scales
+# the group's fair share of the latency the budget still leaves (see PruningEnv)
+ACTIONS = ("bounds", "wall", "share")
 KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 
 
@@ -82,8 +83,15 @@ def _group_features(space, predictor) -> np.ndarray:
 class PruningEnv(gym.Env):
     """Gymnasium env: one step per group; the action (in [0, 1]) picks the group's width
     between its bounds, clipped by the action wall (``action="bounds"``, AMC), or between its
-    minimum and the most the wall allows (``"wall"``). Reward only at the end of an episode:
-    val accuracy (``reward="acc"``) or ``-error * log(latency)`` (``"acc-log-latency"``)."""
+    minimum and the most the wall allows (``"wall"``), or (``"share"``) as the latency it may
+    spend: ``2 * action`` times its fair share of the slack, the budget minus the policy so far
+    with every later group at its minimum, shared in proportion to what each remaining group
+    can add (its latency from minimum to full width), snapped to the nearest width and
+    clipped by the wall. Under a tight budget the first two give the slack to the first
+    groups that ask, so a random or saturated actor always builds the same few policies;
+    with shares, action 0.5 everywhere spreads the slack over every group.
+    Reward only at the end of an episode: val accuracy (``reward="acc"``) or
+    ``-error * log(latency)`` (``"acc-log-latency"``)."""
 
     def __init__(self, space, predictor, budget_ms: float, evaluate, *, reward: str = "acc",
                  action: str = "bounds"):
@@ -97,6 +105,11 @@ class PruningEnv(gym.Env):
         costs = predictor.group_costs(space.full())
         self.full_ms = predictor.max_latency()
         self.shares = np.array([costs.get(g.name, 0.0) for g in space.groups]) / self.full_ms
+        # latency each group can add: minimum to full width, every other group at its minimum
+        self._smallest = space.smallest().to_dict()
+        floor = predictor.predict(self._smallest)
+        self.spans = np.array([predictor.predict({**self._smallest, g.name: g.max_channels})
+                               - floor for g in space.groups])
         self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
         self.action_space = spaces.Box(0.0, 1.0, (1,), np.float32)
         self.episode = 0
@@ -114,6 +127,18 @@ class PruningEnv(gym.Env):
         return np.clip(np.concatenate([self.static[self.t], [reduced, rest, self.prev_action]]),
                        0.0, 1.0).astype(np.float32)
 
+    def _share_keep(self, g, a: float) -> int:
+        """The width whose added latency is nearest ``2a`` x the group's fair share of the
+        slack (see the class docstring); the caller clips it by the wall."""
+        base = {**self._smallest, **self.partial}
+        floor = self.predictor.predict(base)
+        slack = max(0.0, self.budget_ms - floor)
+        rest = float(self.spans[self.t:].sum())
+        fair = slack * float(self.spans[self.t]) / rest if rest > 0 else slack
+        spend = min(slack, 2.0 * a * fair)
+        return min(g.choices, key=lambda c: (
+            abs(self.predictor.predict({**base, g.name: c}) - floor - spend), c))
+
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self._reset_state()
@@ -123,9 +148,12 @@ class PruningEnv(gym.Env):
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
         g = self.space.groups[self.t]
         most = self.wall.max_keep(self.partial, g.name)
-        top = most if self.action == "wall" else g.max_channels
-        wanted = g.min_channels + a * (top - g.min_channels)
-        keep = min(g.choices, key=lambda c: (abs(c - wanted), -c))
+        if self.action == "share":
+            keep = self._share_keep(g, a)
+        else:
+            top = most if self.action == "wall" else g.max_channels
+            wanted = g.min_channels + a * (top - g.min_channels)
+            keep = min(g.choices, key=lambda c: (abs(c - wanted), -c))
         self.partial[g.name] = min(keep, most)
         self.prev_action = a
         self.t += 1
