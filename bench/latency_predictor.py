@@ -103,7 +103,7 @@ def main() -> int:
                 "profile_s": round(profile_s, 1), "predictions_per_s": round(per_s),
                 "rounds": v["rounds"], "predictor": v["predictor"],
                 "predictor_first_pass_only": _first_pass_scores(v),
-                "macs_proxy": v["macs_proxy"],
+                "macs_proxy": v["macs_proxy"], "single_scale": v["single_scale"],
                 "median_iqr_pct": v["median_iqr_pct"], "calibration": v["calibration"],
                 "beats_macs_proxy": (v["predictor"]["within_10pct"]
                                      >= v["macs_proxy"]["within_10pct"]

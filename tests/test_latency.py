@@ -180,10 +180,14 @@ def test_validation_end_to_end(tiny, tiny_table):
     for r in result["rows"]:  # each policy measured once per pass; the median is reported
         assert len(r["measured_rounds_ms"]) == 3
         assert r["measured_ms"] == pytest.approx(sorted(r["measured_rounds_ms"])[1])
-    for est in ("predictor", "macs_proxy"):
+    for est in ("predictor", "macs_proxy", "single_scale"):
         assert set(result[est]) == {"mean_abs_pct_error", "within_10pct", "kendall_tau"}
         assert 0 <= result[est]["within_10pct"] <= 100
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in result["rows"])
+    # no depthwise scale in this table: one fitted line over the same sums ranks identically
+    assert not setup.table.calibration[setup.key].kind_scales
+    assert result["single_scale"]["kendall_tau"] == \
+        pytest.approx(result["predictor"]["kendall_tau"])
 
 
 def test_profile_and_predict_cli(tiny_file, tmp_path):

@@ -23,7 +23,8 @@ TABLE_FORMAT = "autoprune-latency-table-v1"
 class Calibration:
     """measured_ms ~= scale * (sum of per-op ms) + offset_ms, fitted on whole-model runs. An op
     kind in ``kind_scales`` has its own scale instead (depthwise convs, where a model has them
-    and a separate scale fits better: timed alone they cost far more than inside a network)."""
+    and a separate scale fits better: timed alone they cost far more than inside a network,
+    where part of their time hides behind the convs around them)."""
 
     scale: float
     offset_ms: float
