@@ -156,9 +156,9 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
 
 SCALE_RANGE = (0.5, 2.0)  # plausible measured / sum-of-ops ratios; see calibrate()
 # MobileNetV2's depthwise convs on cpu-ort: fitted scales of 0.1 to 0.54 (the other ops 0.9 to
-# 1.0). The value is poorly pinned down by 18 runs, but any of them ranked 50 held-out
-# policies better than one scale for all (Kendall tau 0.90 against 0.87); a scale of 0 keeps
-# predictions monotone, so only negative ones are refused.
+# 1.0). 18 runs pin the value down poorly, but any of them ranked run 7's 50 held-out policies
+# about equally (bench/README); a scale of 0 keeps predictions monotone, so only negative
+# ones are refused.
 KIND_SCALE_RANGE = (0.0, 2.0)
 SEPARATE_KINDS = ("depthwise",)  # op kinds that may get a scale of their own
 
