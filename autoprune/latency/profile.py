@@ -186,40 +186,27 @@ def fit_kind_calibration(rest, kinds: dict[str, Any], measured, *,
     and every scale stays plausible; otherwise this is `fit_calibration` on the total."""
     y = np.asarray(measured, dtype=np.float64)
     rest = np.asarray(rest, dtype=np.float64)
-    cols = {k: np.asarray(v, dtype=np.float64) for k, v in kinds.items()
-            if np.ptp(np.asarray(v, dtype=np.float64)) > 0}  # a fixed cost is the offset's
-    total = rest + sum((np.asarray(v, dtype=np.float64) for v in kinds.values()),
-                       np.zeros_like(y))
+    kinds = {k: np.asarray(v, dtype=np.float64) for k, v in kinds.items()}
+    total = rest + sum(kinds.values(), np.zeros_like(y))
     scale, offset = fit_calibration(total, y, key=key)
+    cols = {k: v for k, v in kinds.items() if np.ptp(v) > 0}  # a fixed cost is the offset's
     if not cols or len(y) < len(cols) + 4:
         return scale, offset, {}
-    X = np.column_stack([rest, *cols.values(), np.ones_like(y)])
+    separate = np.column_stack([rest, *cols.values(), np.ones_like(y)])
+    single = np.column_stack([total, np.ones_like(y)])
 
-    def fit(rows):  # least squares on relative error
+    def fit(X, rows):  # least squares on relative error
         coef, *_ = np.linalg.lstsq(X[rows] / y[rows, None], np.ones(len(rows)), rcond=None)
         return coef
 
-    def loo(predict):
-        errs = []
-        for i in range(len(y)):
-            keep = np.arange(len(y)) != i
-            errs.append(abs(predict(keep, i) / y[i] - 1))
-        return float(np.mean(errs))
+    def loo(X) -> float:  # mean relative error of each run predicted without it
+        return float(np.mean([abs(X[i] @ fit(X, np.delete(np.arange(len(y)), i)) / y[i] - 1)
+                              for i in range(len(y))]))
 
-    coef = fit(np.arange(len(y)))
+    coef = fit(separate, np.arange(len(y)))
     plausible = SCALE_RANGE[0] <= coef[0] <= SCALE_RANGE[1] and all(
         KIND_SCALE_RANGE[0] <= c <= KIND_SCALE_RANGE[1] for c in coef[1:-1])
-    if not plausible:
-        return scale, offset, {}
-    single = np.column_stack([total, np.ones_like(y)])
-
-    def single_pred(keep, i):
-        c, *_ = np.linalg.lstsq(single[keep] / y[keep, None], np.ones(int(keep.sum())),
-                                rcond=None)
-        return float(single[i] @ c)
-
-    separate = loo(lambda keep, i: float(X[i] @ fit(np.flatnonzero(keep))))
-    if separate >= loo(single_pred):
+    if not plausible or loo(separate) >= loo(single):
         return scale, offset, {}
     return float(coef[0]), float(coef[-1]), dict(zip(cols, map(float, coef[1:-1]), strict=True))
 
