@@ -482,15 +482,20 @@ def _latency_setup(loaded: Loaded, args, device, *, quiet: bool):
                            model_name=loaded.spec.name, path=path, progress=not quiet)
 
 
-def _summary_table(title: str, rows: list[tuple[str, object]], full_ms: float):
+def _summary_table(title: str, rows: list[tuple[str, object]], full_ms: float, study):
+    """Best vs uniform vs unpruned: predicted latency, and measured where the study measured it
+    on the device (median of 3 measurements; "-" where it did not)."""
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("", "val acc", "latency (pred.)", "of unpruned", "MACs", "params", "feasible"):
+    for col in ("", "val acc", "latency (pred.)", "of unpruned", "measured", "MACs", "params",
+                "feasible"):
         table.add_column(col, justify="left" if not col else "right")
     for name, c in rows:
+        m = study.measurement(c.policy)
         table.add_row(name, f"{c.val_acc * 100:.2f}%", f"{c.latency_ms:.4f} ms",
-                      f"{c.latency_ms / full_ms * 100:.1f}%", _fmt_count(c.macs),
+                      f"{c.latency_ms / full_ms * 100:.1f}%",
+                      f"{m['median_ms']:.4f} ms" if m else "-", _fmt_count(c.macs),
                       _fmt_count(c.params), "yes" if c.feasible else "no")
     return table
 
@@ -525,6 +530,11 @@ def cmd_search(args) -> int:
 
     if args.trials is not None and args.trials < 1:
         raise UserError(f"`--trials` must be >= 1, got {args.trials}")
+    if args.verify_top < 0:
+        raise UserError(f"`--verify-top` must be >= 0 (0 skips the measured check), got "
+                        f"{args.verify_top}")
+    if not 0 <= args.verify_tolerance < 1:
+        raise UserError(f"`--verify-tolerance` must be in [0, 1), got {args.verify_tolerance}")
     if args.storage and args.storage.split(":", 1)[0].split("+")[0] not in (
             "sqlite", "postgresql", "mysql"):
         raise UserError(f"`--storage` must be an RDB URL (sqlite:///..., postgresql://...), "
@@ -614,6 +624,7 @@ def cmd_search(args) -> int:
                                 on_candidate=on_candidate)
             searcher.run(ctx)
         reference = _reference(study, evaluator, space, predictor)
+        verdict = _verify(study, args, device, loaded.model, space, reference)
         paths = study.write_results(reference)
     finally:
         study.release()
@@ -624,10 +635,60 @@ def cmd_search(args) -> int:
         f"study {name}: {len(study.candidates)} candidates ({resumed} from before), budget "
         f"{budget_ms:.4f} ms on {device.name}",
         [(f"best ({best_c.searcher})", best_c), ("uniform", reference["uniform"]),
-         ("unpruned", reference["unpruned"])], full_ms))
+         ("unpruned", reference["unpruned"])], full_ms, study))
+    console.print(verdict)
     console.print(f"evaluated {evaluator.evaluations} new candidate(s); "
                   + ", ".join(f"{k} {v}" for k, v in paths.items()))
     return 0
+
+
+def _verify(study, args, device, model, space, reference) -> str:
+    """The measured check that ends a search: the best candidates are measured whole on the
+    device, most accurate first, until one is within the budget (plus ``--verify-tolerance``);
+    that one is the study's best. Returns the line that tells the user what it found."""
+    from .evaluate import ranked
+    from .latency.devices import availability
+    from .latency.profile import measure_pruned
+    from .progress import bar
+
+    if args.verify_top == 0:
+        return "best not measured on the device (`--verify-top 0`): its latency is predicted"
+    usable, why = availability(device)
+    if not usable:
+        return f"best not measured on {device.name} ({why}): its latency is predicted"
+    predicted_best = study.best()
+    budget = study.config["budget"]
+    with _backend(device, args) as backend, \
+            bar(f"measure on {device.name}", args.verify_top + 2,
+                enabled=not args.quiet) as pbar:
+        def measure(policy):
+            stat = measure_pruned(backend, model, policy, space)
+            pbar.advance()
+            return stat
+
+        # the budget as the user set it: a fraction of the unpruned model's *measured* latency
+        target = budget["fraction"] * study.measurement(space.full(), measure)["median_ms"] \
+            if "fraction" in budget else budget["ms"]
+        found = study.verify(measure, target_ms=target, tolerance=args.verify_tolerance,
+                             top=args.verify_top)
+        study.measurement(reference["uniform"].policy, measure)
+    limit = f"budget {target:.4f} ms x {1 + args.verify_tolerance:g}"
+    order = [c.policy for c in ranked(study.candidates)][:args.verify_top]
+    over = [study.measurement(p)["median_ms"] / target  # those measured before `found`
+            for p in (order if found is None else order[:order.index(found.policy)])]
+    if found is None:
+        log.warning("none of the %d most accurate candidates measured within %s on %s (the "
+                    "closest: %.3f x budget); the best stays the predicted one. The latency "
+                    "table may not match this machine any more: rebuild its calibration with "
+                    "`autoprune profile --target-device %s --recalibrate`", len(over), limit,
+                    device.name, min(over), device.name)
+        return f"measured on {device.name}: no candidate within {limit} (see the warning)"
+    got = study.measurement(found.policy)["median_ms"]
+    passed_over = "" if found.policy == predicted_best.policy else \
+        (f"; {len(over)} more accurate candidate(s) measured over it (" +
+         ", ".join(f"{r:.3f}" for r in over) + " x budget), so the best is the next one")
+    return (f"measured on {device.name}: best {got:.4f} ms = {got / target:.3f} x budget "
+            f"(within {limit}){passed_over}")
 
 
 def cmd_report(args) -> int:
@@ -651,7 +712,7 @@ def cmd_report(args) -> int:
         f"study {args.study}: {len(study.candidates)} candidates, budget "
         f"{study.config['budget_ms']:.4f} ms on {study.config['device']['name']}",
         [(f"best ({best.searcher})", best), ("uniform", reference["uniform"]),
-         ("unpruned", reference["unpruned"])], reference["unpruned"].latency_ms))
+         ("unpruned", reference["unpruned"])], reference["unpruned"].latency_ms, study))
     console.print(", ".join(f"{k} {v}" for k, v in paths.items()))
     return 0
 
@@ -1134,6 +1195,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip BN recalibration of pruned candidates")
     p.add_argument("--importance", default="l1",
                    choices=("l1", "l2", "bn-scale", "fpgm", "random"))
+    p.add_argument("--verify-top", type=int, default=10, metavar="K",
+                   help="at the end, measure the best candidates on the device (at most K, most "
+                   "accurate first) until one is within the budget; 0: trust the predictor")
+    p.add_argument("--verify-tolerance", type=float, default=0.05, metavar="T",
+                   help="measured latency may exceed the budget by this fraction (default 0.05: "
+                   "the noise of re-measuring one model here is about 2.5%%)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_search)
 

@@ -4,6 +4,8 @@
     candidates.jsonl   one line per evaluated candidate, flushed and fsynced as it lands
     optuna.db          Optuna storage of the evolution searcher (or --storage URL)
     amc/               DDPG agent, replay buffer and RNG checkpoints
+    measured.json      whole-model latencies measured on the device by the check that ends
+                       a search (the best candidates, the uniform policy, the unpruned model)
     best_policy.json, pareto.json, pareto.png, summary.json    results
 
 A killed process leaves at most a torn last line in candidates.jsonl (dropped on load) and
@@ -23,7 +25,7 @@ from typing import Any
 
 from ._io import atomic_write, write_json
 from .errors import UserError
-from .evaluate import Candidate
+from .evaluate import Candidate, first_measured_fit, policy_key, ranked
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Study:
         self.storage_url = storage_url or f"sqlite:///{(root / 'optuna.db').resolve()}"
         self.candidates: list[Candidate] = []
         self.previous_crashed = False
+        self._measured: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ open / resume
     @classmethod
@@ -150,8 +153,61 @@ class Study:
 
     # ------------------------------------------------------------------ results
     def best(self) -> Candidate | None:
-        feasible = [c for c in self.candidates if c.feasible]
-        return max(feasible, key=lambda c: (c.val_acc, -c.latency_ms)) if feasible else None
+        """The most accurate feasible candidate, leaving out those measured over the budget on
+        the device -- unless none measured fits (then the measurements cannot tell, and the
+        predicted best stands; `verify` says so)."""
+        order = ranked(self.candidates)
+        m = self.measured
+        if m.get("limit_ms") is not None:
+            over = {k for k, v in m["policies"].items() if v["median_ms"] > m["limit_ms"]}
+            keys = [policy_key(c.policy) for c in order]
+            if any(k in m["policies"] and k not in over for k in keys):
+                order = [c for c, k in zip(order, keys, strict=True) if k not in over]
+        return order[0] if order else None
+
+    # ------------------------------------------------------------------ measured check
+    @property
+    def measured_path(self) -> Path:
+        return self.root / "measured.json"
+
+    @property
+    def measured(self) -> dict[str, Any]:
+        """{"target_ms", "tolerance", "limit_ms", "policies": {policy_key: LatencyStat dict}}."""
+        if self._measured is None:
+            self._measured = {"target_ms": None, "tolerance": None, "limit_ms": None,
+                              "policies": {}}
+            if self.measured_path.is_file():
+                try:
+                    self._measured.update(json.loads(self.measured_path.read_text()))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{str(self.measured_path)!r} is corrupt ({e.msg}); delete "
+                                    "it and re-run `autoprune search` to measure again") from e
+        return self._measured
+
+    def measurement(self, policy, measure=None) -> dict | None:
+        """The policy's measured LatencyStat dict; measured now (and saved) if ``measure``."""
+        k, known = policy_key(policy), self.measured["policies"]
+        if k not in known and measure is not None:
+            known[k] = measure(policy).to_dict()
+            write_json(self.measured_path, self.measured)
+        return known.get(k)
+
+    def verify(self, measure, *, target_ms: float, tolerance: float, top: int,
+               on_measured=None) -> Candidate | None:
+        """Measure the best candidates on the device, most accurate first, until one is within
+        ``target_ms * (1 + tolerance)`` (at most ``top``); that one becomes `best`. Returns it,
+        or None when none of them fits."""
+        m = self.measured
+        m.update(target_ms=target_ms, tolerance=tolerance, limit_ms=target_ms * (1 + tolerance))
+        write_json(self.measured_path, m)
+
+        def saved(k, stat):
+            write_json(self.measured_path, m)
+            if on_measured is not None:
+                on_measured(k, stat)
+
+        return first_measured_fit(self.candidates, measure, m["limit_ms"], top=top,
+                                  known=m["policies"], on_measured=saved)
 
     def pareto(self) -> list[Candidate]:
         """Non-dominated candidates: no other is both faster and at least as accurate."""
@@ -175,7 +231,8 @@ class Study:
             "channels": best.policy.to_dict(), "val_acc": best.val_acc,
             "latency_ms": best.latency_ms, "macs": best.macs, "params": best.params,
             "searcher": best.searcher, "trial": best.trial,
-            "budget_ms": self.config["budget_ms"], "device": self.config["device"]["name"]})
+            "budget_ms": self.config["budget_ms"], "device": self.config["device"]["name"],
+            **self._measured_fields(best)})
         front = self.pareto()
         paths["pareto"] = write_json(self.root / "pareto.json",
                                      [json.loads(c.to_json()) for c in front])
@@ -183,10 +240,21 @@ class Study:
                    "feasible": sum(c.feasible for c in self.candidates),
                    "budget_ms": self.config["budget_ms"],
                    "best": json.loads(best.to_json()),
-                   **{k: json.loads(v.to_json()) for k, v in reference.items()}}
+                   **{k: json.loads(v.to_json()) for k, v in reference.items()},
+                   "measured": {k: self._measured_fields(c) for k, c in
+                                {"best": best, **reference}.items()}}
         paths["summary"] = write_json(self.root / "summary.json", summary)
         paths["plot"] = self._plot(front, best, reference)
         return paths
+
+    def _measured_fields(self, cand: Candidate) -> dict[str, Any]:
+        """measured_ms / measured_iqr_ms / measured_over_budget (measured over the budget as
+        the check counts it), or nothing if the policy was not measured."""
+        stat, target = self.measurement(cand.policy), self.measured.get("target_ms")
+        if stat is None:
+            return {}
+        return {"measured_ms": stat["median_ms"], "measured_iqr_ms": stat["iqr_ms"],
+                "measured_over_budget": stat["median_ms"] / target if target else None}
 
     def _plot(self, front, best, reference) -> Path:
         import matplotlib
@@ -208,6 +276,13 @@ class Study:
                        label=name, zorder=3)
         ax.scatter([best.latency_ms], [best.val_acc * 100], marker="*", s=160, color="gold",
                    edgecolor="k", label="best feasible", zorder=4)
+        measured = self.measurement(best.policy)
+        if measured is not None:
+            ax.scatter([measured["median_ms"]], [best.val_acc * 100], marker="x", s=60,
+                       color="k", label="best, measured on device", zorder=5)
+        if self.measured.get("limit_ms") is not None:
+            ax.axvline(self.measured["limit_ms"], color="tab:red", ls=":", lw=1,
+                       label=f"measured limit (+{self.measured['tolerance'] * 100:g}%)")
         ax.set(xlabel=f"predicted latency on {self.config['device']['name']} (ms)",
                ylabel="val accuracy (%)", title=f"study {self.root.name}")
         ax.legend(fontsize=8, loc="lower right")

@@ -73,6 +73,10 @@ def test_bad_arguments_get_one_line():
     assert_user_error(run_cli("search", "--target-device", "cpu-ort"),
                       "--latency-budget", "required")
     assert_user_error(run_cli("frobnicate"), "invalid choice", "autoprune --help")
+    base = ("search", "--target-device", "cpu-ort", "--latency-budget", "0.5")
+    assert_user_error(run_cli(*base, "--verify-top", "-1"), "`--verify-top` must be >= 0")
+    assert_user_error(run_cli(*base, "--verify-tolerance", "1.5"),
+                      "`--verify-tolerance` must be in [0, 1)")
 
 
 def test_unknown_zoo_name():

@@ -365,6 +365,74 @@ def test_changed_config_is_refused(cli_env, tmp_path):
     assert json.loads(proc.stdout)["best"]["feasible"]
 
 
+def _stale_tables(tables, dest):
+    """A copy of ``tables`` whose calibration predicts every latency at half what this machine
+    measures: what a table built on a faster machine, or before a slowdown, looks like."""
+    import shutil
+
+    shutil.copytree(tables, dest)
+    path = dest / "cpu-ort" / "resnet20.json"
+    table = json.loads(path.read_text())
+    for cal in table["calibration"].values():
+        cal["scale"] *= 0.5
+        cal["offset_ms"] *= 0.5
+    path.write_text(json.dumps(table))
+    return dest
+
+
+def test_search_ends_with_a_measured_check(cli_env, tmp_path):
+    """The best candidates are measured on the device, most accurate first, until one is
+    within the budget x 1.05; the predicted best that the device says is too slow is passed
+    over. With a stale table (half the real latency) the predictor calls every policy
+    feasible, so the most accurate ones are the widest, and they measure over budget."""
+    ckpt, tables, _ = cli_env
+    pred = json.loads(run_cli("predict", "--target-device", "cpu-ort", "--weights", ckpt,
+                              "--tables", tables, "--json", check=True).stdout)
+    budget_ms = (pred["smallest_ms"] + pred["full_ms"]) / 2
+    stale, runs = _stale_tables(tables, tmp_path / "stale"), tmp_path / "runs"
+    args = ["search", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", stale,
+            "--latency-budget-ms", f"{budget_ms:.6f}", "--runs", runs, "--val-images", "200",
+            "--quiet"]
+
+    # uniform: its one candidate is the unpruned model (predicted feasible), which measures
+    # over budget: nothing fits, so the predicted best stands and the user is warned
+    proc = run_cli(*args, "--searcher", "uniform", "--study", "u", check=True)
+    best = json.loads((runs / "u" / "best_policy.json").read_text())
+    assert best["measured_over_budget"] > 1.05
+    assert "none of the 1 most accurate candidates measured within" in proc.stderr
+    assert "--recalibrate" in proc.stderr and "no candidate within" in proc.stdout
+
+    proc = run_cli(*args, "--searcher", "random", "--trials", "12", "--study", "r",
+                   "--verify-top", "12", check=True)
+    measured = json.loads((runs / "r" / "measured.json").read_text())
+    assert measured["target_ms"] == pytest.approx(budget_ms, rel=1e-5)
+    assert measured["limit_ms"] == pytest.approx(budget_ms * 1.05, rel=1e-5)
+    best = json.loads((runs / "r" / "best_policy.json").read_text())
+    key = json.dumps(best["channels"], sort_keys=True)
+    assert measured["policies"][key]["median_ms"] == best["measured_ms"] <= measured["limit_ms"]
+    cands = [json.loads(x) for x in _lines(runs / "r" / "candidates.jsonl")]
+    assert all(c["feasible"] for c in cands)  # by the stale prediction
+    above = [c for c in cands if (c["val_acc"], -c["latency_ms"]) >
+             (best["val_acc"], -best["latency_ms"])]
+    # every candidate more accurate than the best was measured, and measured over the limit
+    assert all(measured["policies"][json.dumps(c["policy"], sort_keys=True)]["median_ms"] >
+               measured["limit_ms"] for c in above)
+    if above:
+        assert f"{len(above)} more accurate candidate(s) measured over it" in proc.stdout
+    summary = json.loads((runs / "r" / "summary.json").read_text())
+    assert summary["best"]["policy"] == best["channels"]
+    assert summary["measured"]["best"]["measured_ms"] == best["measured_ms"]
+    assert summary["measured"]["unpruned"]["measured_ms"] > 0
+
+    # a resume measures nothing again, and the report shows the measured column
+    before = (runs / "r" / "measured.json").read_text()
+    run_cli(*args, "--searcher", "random", "--trials", "12", "--study", "r", "--verify-top",
+            "12", check=True)
+    assert json.loads((runs / "r" / "measured.json").read_text()) == json.loads(before)
+    report = run_cli("report", "--study", "r", "--runs", runs, check=True).stdout
+    assert "measured" in report and f"{best['measured_ms']:.4f} ms" in report
+
+
 def test_infeasible_budget_cli(cli_env, tmp_path):
     ckpt, tables, _ = cli_env
     proc = run_cli(*_search_args(ckpt, tables, tmp_path / "runs", "random", 2, "s", "0.05"))
