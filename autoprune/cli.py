@@ -435,6 +435,10 @@ def cmd_profile(args) -> int:
             table.add_row(name, f"{sc['mean_abs_pct_error']:.2f}", f"{sc['within_10pct']:.1f}",
                           f"{sc['kendall_tau']:.3f}")
         _console().print(table)
+        if v.get("measured_split_half_tau") is not None:
+            print(f"the measurement against itself (even passes vs odd): Kendall tau "
+                  f"{v['measured_split_half_tau']:.3f}; a predictor's tau near or above it is "
+                  "limited by measurement noise: add passes with `--validate-rounds`")
         print(f"wrote {v['json']} and {v['png']}")
     return 0
 
@@ -646,9 +650,8 @@ def _verify(study, args, device, model, space, reference) -> str:
     """The measured check that ends a search: the best candidates are measured whole on the
     device, most accurate first, until one is within the budget (plus ``--verify-tolerance``);
     that one is the study's best. Returns the line that tells the user what it found."""
-    from .evaluate import ranked
+    from .evaluate import budget_measurer, ranked
     from .latency.devices import availability
-    from .latency.profile import measure_pruned
     from .progress import bar
 
     if args.verify_top == 0:
@@ -659,36 +662,33 @@ def _verify(study, args, device, model, space, reference) -> str:
     predicted_best = study.best()
     budget = study.config["budget"]
     with _backend(device, args) as backend, \
-            bar(f"measure on {device.name}", args.verify_top + 2,
-                enabled=not args.quiet) as pbar:
-        def measure(policy):
-            stat = measure_pruned(backend, model, policy, space)
-            pbar.advance()
-            return stat
-
-        # the budget as the user set it: a fraction of the unpruned model's *measured* latency
-        target = budget["fraction"] * study.measurement(space.full(), measure)["median_ms"] \
-            if "fraction" in budget else budget["ms"]
-        found = study.verify(measure, target_ms=target, tolerance=args.verify_tolerance,
-                             top=args.verify_top)
-        study.measurement(reference["uniform"].policy, measure)
-    limit = f"budget {target:.4f} ms x {1 + args.verify_tolerance:g}"
+            bar(f"measure on {device.name} (at most {args.verify_top + 2})",
+                args.verify_top + 2, enabled=not args.quiet) as pbar:
+        measure = budget_measurer(backend, model, space, fraction=budget.get("fraction"),
+                                  budget_ms=budget.get("ms"),
+                                  on_measured=lambda *_: pbar.advance())
+        found = study.verify(measure, tolerance=args.verify_tolerance, top=args.verify_top)
+        for cand in reference.values():  # for the summary table
+            study.measurement(cand.policy, measure)
+    what = (f"{budget['fraction']:g} of the unpruned model measured beside it"
+            if "fraction" in budget else f"{budget['ms']:g} ms")
+    limit = f"budget ({what}) x {1 + args.verify_tolerance:g}"
     order = [c.policy for c in ranked(study.candidates)][:args.verify_top]
-    over = [study.measurement(p)["median_ms"] / target  # those measured before `found`
+    over = [study.measurement(p)["over_budget"]  # those measured before `found`
             for p in (order if found is None else order[:order.index(found.policy)])]
     if found is None:
-        log.warning("none of the %d most accurate candidates measured within %s on %s (the "
-                    "closest: %.3f x budget); the best stays the predicted one. The latency "
-                    "table may not match this machine any more: rebuild its calibration with "
-                    "`autoprune profile --target-device %s --recalibrate`", len(over), limit,
-                    device.name, min(over), device.name)
-        return f"measured on {device.name}: no candidate within {limit} (see the warning)"
-    got = study.measurement(found.policy)["median_ms"]
+        log.warning("none of the %d most accurate candidates measured within the %s on %s "
+                    "(the closest: %.3f x budget); the best stays the predicted one. The "
+                    "latency table may not match this machine any more: rebuild its calibration "
+                    "with `autoprune profile --target-device %s --recalibrate`", len(over),
+                    limit, device.name, min(over), device.name)
+        return f"measured on {device.name}: no candidate within the {limit} (see the warning)"
+    got = study.measurement(found.policy)
     passed_over = "" if found.policy == predicted_best.policy else \
         (f"; {len(over)} more accurate candidate(s) measured over it (" +
          ", ".join(f"{r:.3f}" for r in over) + " x budget), so the best is the next one")
-    return (f"measured on {device.name}: best {got:.4f} ms = {got / target:.3f} x budget "
-            f"(within {limit}){passed_over}")
+    return (f"measured on {device.name}: best {got['median_ms']:.4f} ms = "
+            f"{got['over_budget']:.3f} x budget (within the {limit}){passed_over}")
 
 
 def cmd_report(args) -> int:

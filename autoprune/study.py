@@ -158,8 +158,8 @@ class Study:
         predicted best stands; `verify` says so)."""
         order = ranked(self.candidates)
         m = self.measured
-        if m.get("limit_ms") is not None:
-            over = {k for k, v in m["policies"].items() if v["median_ms"] > m["limit_ms"]}
+        if m.get("tolerance") is not None:
+            over = {k for k, v in m["policies"].items() if v["over_budget"] > 1 + m["tolerance"]}
             keys = [policy_key(c.policy) for c in order]
             if any(k in m["policies"] and k not in over for k in keys):
                 order = [c for c, k in zip(order, keys, strict=True) if k not in over]
@@ -172,10 +172,9 @@ class Study:
 
     @property
     def measured(self) -> dict[str, Any]:
-        """{"target_ms", "tolerance", "limit_ms", "policies": {policy_key: LatencyStat dict}}."""
+        """{"tolerance", "policies": {policy_key: `budget_measurer` record}}."""
         if self._measured is None:
-            self._measured = {"target_ms": None, "tolerance": None, "limit_ms": None,
-                              "policies": {}}
+            self._measured = {"tolerance": None, "policies": {}}
             if self.measured_path.is_file():
                 try:
                     self._measured.update(json.loads(self.measured_path.read_text()))
@@ -185,29 +184,23 @@ class Study:
         return self._measured
 
     def measurement(self, policy, measure=None) -> dict | None:
-        """The policy's measured LatencyStat dict; measured now (and saved) if ``measure``."""
+        """The policy's measured record; measured now (and saved) if ``measure`` is given."""
         k, known = policy_key(policy), self.measured["policies"]
         if k not in known and measure is not None:
-            known[k] = measure(policy).to_dict()
+            known[k] = measure(policy)
             write_json(self.measured_path, self.measured)
         return known.get(k)
 
-    def verify(self, measure, *, target_ms: float, tolerance: float, top: int,
-               on_measured=None) -> Candidate | None:
+    def verify(self, measure, *, tolerance: float, top: int) -> Candidate | None:
         """Measure the best candidates on the device, most accurate first, until one is within
-        ``target_ms * (1 + tolerance)`` (at most ``top``); that one becomes `best`. Returns it,
-        or None when none of them fits."""
+        the budget x (1 + ``tolerance``) (at most ``top``); that one becomes `best`. Returns
+        it, or None when none of them fits. ``measure``: see `evaluate.budget_measurer`."""
         m = self.measured
-        m.update(target_ms=target_ms, tolerance=tolerance, limit_ms=target_ms * (1 + tolerance))
+        m["tolerance"] = tolerance
         write_json(self.measured_path, m)
-
-        def saved(k, stat):
-            write_json(self.measured_path, m)
-            if on_measured is not None:
-                on_measured(k, stat)
-
-        return first_measured_fit(self.candidates, measure, m["limit_ms"], top=top,
-                                  known=m["policies"], on_measured=saved)
+        return first_measured_fit(self.candidates, measure, tolerance=tolerance, top=top,
+                                  known=m["policies"],
+                                  on_measured=lambda *_: write_json(self.measured_path, m))
 
     def pareto(self) -> list[Candidate]:
         """Non-dominated candidates: no other is both faster and at least as accurate."""
@@ -248,13 +241,15 @@ class Study:
         return paths
 
     def _measured_fields(self, cand: Candidate) -> dict[str, Any]:
-        """measured_ms / measured_iqr_ms / measured_over_budget (measured over the budget as
-        the check counts it), or nothing if the policy was not measured."""
-        stat, target = self.measurement(cand.policy), self.measured.get("target_ms")
-        if stat is None:
+        """measured_ms / measured_iqr_ms / measured_over_budget (as the measured check counts
+        it) / measured_unpruned_ms (measured beside it), or nothing if it was not measured."""
+        rec = self.measurement(cand.policy)
+        if rec is None:
             return {}
-        return {"measured_ms": stat["median_ms"], "measured_iqr_ms": stat["iqr_ms"],
-                "measured_over_budget": stat["median_ms"] / target if target else None}
+        return {"measured_ms": rec["median_ms"], "measured_iqr_ms": rec["iqr_ms"],
+                "measured_over_budget": rec["over_budget"],
+                **({"measured_unpruned_ms": rec["reference_ms"]} if "reference_ms" in rec
+                   else {})}
 
     def _plot(self, front, best, reference) -> Path:
         import matplotlib
@@ -277,12 +272,10 @@ class Study:
         ax.scatter([best.latency_ms], [best.val_acc * 100], marker="*", s=160, color="gold",
                    edgecolor="k", label="best feasible", zorder=4)
         measured = self.measurement(best.policy)
-        if measured is not None:
-            ax.scatter([measured["median_ms"]], [best.val_acc * 100], marker="x", s=60,
-                       color="k", label="best, measured on device", zorder=5)
-        if self.measured.get("limit_ms") is not None:
-            ax.axvline(self.measured["limit_ms"], color="tab:red", ls=":", lw=1,
-                       label=f"measured limit (+{self.measured['tolerance'] * 100:g}%)")
+        if measured is not None:  # where it lands on the predicted axis: budget x its ratio
+            ax.scatter([self.config["budget_ms"] * measured["over_budget"]],
+                       [best.val_acc * 100], marker="x", s=60, color="k",
+                       label="best, as measured on the device", zorder=5)
         ax.set(xlabel=f"predicted latency on {self.config['device']['name']} (ms)",
                ylabel="val accuracy (%)", title=f"study {self.root.name}")
         ax.legend(fontsize=8, loc="lower right")

@@ -104,7 +104,9 @@ def main() -> int:
                 "rounds": v["rounds"], "predictor": v["predictor"],
                 "predictor_first_pass_only": _first_pass_scores(v),
                 "macs_proxy": v["macs_proxy"], "single_scale": v["single_scale"],
-                "median_iqr_pct": v["median_iqr_pct"], "calibration": v["calibration"],
+                "median_iqr_pct": v["median_iqr_pct"],
+                "measured_split_half_tau": v["measured_split_half_tau"],
+                "calibration": v["calibration"],
                 "beats_macs_proxy": (v["predictor"]["within_10pct"]
                                      >= v["macs_proxy"]["within_10pct"]
                                      and v["predictor"]["kendall_tau"]

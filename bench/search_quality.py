@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autoprune.data import load_dataset  # noqa: E402
 from autoprune.evaluate import (  # noqa: E402
     Evaluator,
+    budget_measurer,
     first_measured_fit,
     policy_key,
     ranked,
@@ -93,7 +94,7 @@ def main() -> int:
                             path=table_path(device.name, spec.name,
                                             Path(args.tables) if args.tables else None))
         pred = setup.predictor()
-        full_measured = measure_pruned(backend, model, space.full(), space).median_ms
+        full_measured = measure_pruned(backend, model, space.full(), space)[0].median_ms
         out["unpruned"] = {"predicted_ms": pred.max_latency(), "measured_ms": full_measured,
                            "smallest_predicted_fraction": pred.min_latency() /
                            pred.max_latency()}
@@ -107,7 +108,7 @@ def main() -> int:
                                                           ("action", args.amc_action))
                                         if v is not None})
                     out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
-                                            pred, backend, full_measured, args.trials, options,
+                                            pred, backend, args.trials, options,
                                             args.verify_top))
                     print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
     out["summary"] = _summarise(out["runs"])
@@ -115,8 +116,8 @@ def main() -> int:
     return 0
 
 
-def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, full_measured,
-         trials, options, verify_top):
+def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, trials, options,
+         verify_top):
     ev = Evaluator(model, data, space, pred, budget_ms=budget_ms, seed=seed)
     searcher = SEARCHERS[name]()(space, pred, budget_ms, seed=seed, **options)
     found = []
@@ -135,28 +136,25 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, ful
             episodes = json.loads((ckpt / "state.json").read_text())["episodes_done"]
     cands = list(ev.cache.values())
     eval_s = [c.eval_s for c in cands]
-    # each a median of three separate measurements: one session can catch a spike of this
-    # shared machine (seen here: 0.399 ms once for a policy that measures 0.271-0.275 ms)
+    # each a median of three separate measurements (one session can catch a spike of this
+    # shared machine: seen here, 0.399 ms once for a policy that measures 0.271-0.275 ms),
+    # alternating with the unpruned model, whose latency the budget is a fraction of
     known: dict[str, dict] = {}
-    target = budget_f * full_measured
-
-    def measure(policy):
-        return measure_pruned(backend, model, policy, space)
-
+    measure = budget_measurer(backend, model, space, fraction=budget_f)
     t0 = time.perf_counter()
     predicted_best = ranked(cands)[0]
-    best = first_measured_fit(cands, measure, target * 1.05, top=verify_top,
+    best = first_measured_fit(cands, measure, tolerance=0.05, top=verify_top,
                               known=known) if verify_top else None
     best = best or predicted_best
-    measured = (known.get(policy_key(best.policy)) or measure(best.policy).to_dict())["median_ms"]
+    rec = known.get(policy_key(best.policy)) or measure(best.policy)
     verify_s = time.perf_counter() - t0
     return {"budget": budget_f, "searcher": name, "seed": seed, "options": options,
             "evaluated": len(cands), "episodes": episodes,
             "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,
             "best_predicted_val_acc": predicted_best.val_acc,
             "verify_measured": len(known), "verify_s": verify_s,
-            "measured_ms": measured,
-            "measured_over_budget": measured / target,
+            "measured_ms": rec["median_ms"], "measured_unpruned_ms": rec["reference_ms"],
+            "measured_over_budget": rec["over_budget"],
             "eval_s_median": statistics.median(eval_s), "eval_s_max": max(eval_s),
             "wall_s": wall, "searcher_overhead_pct": max(0.0, wall - sum(eval_s)) / wall * 100,
             "policy": best.policy.to_dict()}

@@ -184,6 +184,12 @@ def test_validation_end_to_end(tiny, tiny_table):
         assert set(result[est]) == {"mean_abs_pct_error", "within_10pct", "kendall_tau"}
         assert 0 <= result[est]["within_10pct"] <= 100
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in result["rows"])
+    # the measurement against itself: passes 0 and 2 against pass 1
+    from scipy.stats import kendalltau
+
+    passes = np.array([r["measured_rounds_ms"] for r in result["rows"]])
+    assert result["measured_split_half_tau"] == pytest.approx(kendalltau(
+        np.median(passes[:, [0, 2]], axis=1), passes[:, 1]).statistic)
     # no depthwise scale in this table: one fitted line over the same sums ranks identically
     assert not setup.table.calibration[setup.key].kind_scales
     assert result["single_scale"]["kendall_tau"] == \

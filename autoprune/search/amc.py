@@ -379,9 +379,27 @@ class AMCSearcher(Searcher):
     def run(self, ctx: SearchContext) -> None:
         import torch
 
-        torch.set_num_threads(1)  # SB3 on several threads crawls on small nets
+        # SB3 on several threads crawls on small nets: the agent runs on one thread, and
+        # evaluations on the threads the caller chose (`--threads`; before, every amc
+        # evaluation ran on one thread too)
+        eval_threads = torch.get_num_threads()
+
+        def evaluate(policy, episode):
+            torch.set_num_threads(eval_threads)
+            try:
+                return ctx.evaluate(policy, episode)
+            finally:
+                torch.set_num_threads(1)
+
+        torch.set_num_threads(1)
+        try:
+            self._run(ctx, evaluate)
+        finally:
+            torch.set_num_threads(eval_threads)
+
+    def _run(self, ctx: SearchContext, evaluate) -> None:
         T = len(self.space)
-        env = self.make_env(lambda p, ep: ctx.evaluate(p, ep))
+        env = self.make_env(evaluate)
         cls = make_agent_class()
         folder = Path(ctx.state_dir)
         folder.mkdir(parents=True, exist_ok=True)
