@@ -9,7 +9,6 @@ measured ones, so a reader sees how far the predictor was off.
 from __future__ import annotations
 
 import datetime as _dt
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,13 @@ from .latency.stats import LatencyStat
 def measure_pair(backend, unpruned, pruned, input_shape, *, rounds: int = 3
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Alternate whole-model measurements of two models; returns one summary for each."""
-    runs: dict[str, list[LatencyStat]] = {"unpruned": [], "pruned": []}
-    for _ in range(rounds):
-        runs["unpruned"].append(backend.measure_model(unpruned, input_shape))
-        runs["pruned"].append(backend.measure_model(pruned, input_shape))
+    from .latency.profile import measure_alternating, median_of_passes
 
     def summary(stats: list[LatencyStat]) -> dict[str, Any]:
-        return {"median_ms": statistics.median(s.median_ms for s in stats),
-                "iqr_ms": statistics.median(s.iqr_ms for s in stats),
-                "n": sum(s.n for s in stats), "rounds_ms": [s.median_ms for s in stats]}
+        return {**median_of_passes(stats).to_dict(), "rounds_ms": [s.median_ms for s in stats]}
 
-    return summary(runs["unpruned"]), summary(runs["pruned"])
+    u, p = measure_alternating(backend, [unpruned, pruned], input_shape, rounds=rounds)
+    return summary(u), summary(p)
 
 
 def build_report(*, study: str, device: dict[str, Any], budget_ms: float, policy: dict,

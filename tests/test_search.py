@@ -207,6 +207,19 @@ def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, monkeypatch, nam
     assert list(scratch.iterdir()) == []  # e.g. SB3's default logger made an SB3-<date> folder
 
 
+def test_evolution_with_a_seed_is_reproducible(setup, tmp_path):
+    """One process, one study: the same `--seed` proposes the same policies (only workers
+    sharing a storage mix their process id into it, so they do not propose the same)."""
+    _, space, pred, budget, ev = setup
+    runs = []
+    for i in range(2):
+        ctx, found = _ctx(ev, 6, tmp_path / str(i), "evo")
+        (tmp_path / str(i)).mkdir()
+        SEARCHERS["evolution"]()(space, pred, budget, seed=3, population=4).run(ctx)
+        runs.append([c.policy for c in found])
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
 def test_amc_noise_decays_on_new_policies_and_grows_on_repeats(setup):
     """After warm-up, an episode with a new policy decays the exploration noise by 0.95 down
     to the floor; an episode that repeats a policy raises it, up to the initial sigma."""

@@ -254,24 +254,35 @@ def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int
     return cal
 
 
+def measure_alternating(backend: Backend, models: list[nn.Module], input_shape, *,
+                        rounds: int = 3) -> list[list[LatencyStat]]:
+    """Whole-model measurements of several models in ``rounds`` alternating passes, so all of
+    them see the same drift of a shared machine and their ratios hold even when it is busy;
+    one list of per-pass stats for each model."""
+    stats: list[list[LatencyStat]] = [[] for _ in models]
+    for _ in range(rounds):
+        for m, st in zip(models, stats, strict=True):
+            st.append(backend.measure_model(m, input_shape))
+    return stats
+
+
+def median_of_passes(stats: list[LatencyStat]) -> LatencyStat:
+    """One stat for several passes: the median of their medians (a single pass here now and
+    then runs 35% slow, see `calibrate`) and of their IQRs."""
+    return LatencyStat(float(np.median([s.median_ms for s in stats])),
+                       float(np.median([s.iqr_ms for s in stats])), sum(s.n for s in stats))
+
+
 def measure_pruned(backend: Backend, model: nn.Module, policy: Policy, space: SearchSpace, *,
                    reference: Policy | None = None,
                    passes: int = 3) -> tuple[LatencyStat, LatencyStat | None]:
-    """A policy's pruned model measured whole in ``passes`` separate measurements (one here
-    now and then runs 35% slow, see `calibrate`), alternating with the ``reference`` policy's
-    model if one is given, so both see the same drift of a shared machine and their ratio
-    holds even when the machine is busy. Each stat: the median of the passes' medians."""
+    """A policy's pruned model measured whole in ``passes`` passes, alternating with the
+    ``reference`` policy's model if one is given."""
     x = torch.zeros(space.input_shape)
-    models = [apply_policy(model, policy, example_input=x)]
-    if reference is not None:
-        models.append(apply_policy(model, reference, example_input=x))
-    stats: list[list[LatencyStat]] = [[] for _ in models]
-    for _ in range(passes):
-        for m, st in zip(models, stats, strict=True):
-            st.append(backend.measure_model(m, space.input_shape))
-    out = [LatencyStat(float(np.median([s.median_ms for s in st])),
-                       float(np.median([s.iqr_ms for s in st])), sum(s.n for s in st))
-           for st in stats]
+    models = [apply_policy(model, p, example_input=x)
+              for p in ([policy] if reference is None else [policy, reference])]
+    out = [median_of_passes(st) for st in measure_alternating(backend, models,
+                                                              space.input_shape, rounds=passes)]
     return out[0], (out[1] if reference is not None else None)
 
 

@@ -60,8 +60,10 @@ class EvolutionSearcher(Searcher):
         import optuna
         from optuna.trial import TrialState
 
-        # Workers sharing a study must not share a seed: mix in the process id.
-        worker_seed = (self.seed * 1_000_003 + os.getpid()) % (2**31)
+        # Workers sharing a study must not share a seed: mix in the process id. A study of
+        # one process keeps `--seed` as it is, so the same command finds the same policies.
+        worker_seed = (self.seed * 1_000_003 + os.getpid()) % (2**31) \
+            if getattr(ctx, "shared_storage", False) else self.seed
         multi = self.sampler_name == "nsga2"
         study = open_optuna_study(ctx, self._sampler(worker_seed),
                                   directions=["maximize", "minimize"] if multi else ["maximize"])
