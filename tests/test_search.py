@@ -471,6 +471,12 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
     assert json.loads((runs / "r" / "measured.json").read_text()) == json.loads(before)
     report = run_cli("report", "--study", "r", "--runs", runs, check=True).stdout
     assert "measured" in report and f"{best['measured_ms']:.4f} ms" in report
+    # a corrupt measurements file is named, with the way out; the candidates are untouched
+    log_before = (runs / "r" / "candidates.jsonl").read_text()
+    (runs / "r" / "measured.json").write_text("{torn")
+    assert_user_error(run_cli("report", "--study", "r", "--runs", runs),
+                      "measured.json' is corrupt", "delete it")
+    assert (runs / "r" / "candidates.jsonl").read_text() == log_before
 
 
 def test_infeasible_budget_cli(cli_env, tmp_path):
