@@ -184,7 +184,7 @@ def budget_measurer(backend, model: nn.Module, space: SearchSpace, *,
 
     def measure(policy: Policy) -> dict:
         stat, ref = measure_pruned(backend, model, policy, space,
-                                   reference=space.full() if fraction is not None else None)
+                                   with_unpruned=fraction is not None)
         rec = stat.to_dict()
         if ref is not None:
             rec["reference_ms"] = ref.median_ms

@@ -274,16 +274,16 @@ def median_of_passes(stats: list[LatencyStat]) -> LatencyStat:
 
 
 def measure_pruned(backend: Backend, model: nn.Module, policy: Policy, space: SearchSpace, *,
-                   reference: Policy | None = None,
+                   with_unpruned: bool = False,
                    passes: int = 3) -> tuple[LatencyStat, LatencyStat | None]:
     """A policy's pruned model measured whole in ``passes`` passes, alternating with the
-    ``reference`` policy's model if one is given."""
-    x = torch.zeros(space.input_shape)
-    models = [apply_policy(model, p, example_input=x)
-              for p in ([policy] if reference is None else [policy, reference])]
+    unpruned ``model`` itself if ``with_unpruned`` (its stat is the second item)."""
+    models = [apply_policy(model, policy, example_input=torch.zeros(space.input_shape))]
+    if with_unpruned:
+        models.append(model)
     out = [median_of_passes(st) for st in measure_alternating(backend, models,
                                                               space.input_shape, rounds=passes)]
-    return out[0], (out[1] if reference is not None else None)
+    return out[0], (out[1] if with_unpruned else None)
 
 
 def estimate_scores(estimated, measured) -> dict[str, float]:
