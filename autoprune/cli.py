@@ -539,6 +539,9 @@ def cmd_search(args) -> int:
                         f"{args.verify_top}")
     if not 0 <= args.verify_tolerance < 1:
         raise UserError(f"`--verify-tolerance` must be in [0, 1), got {args.verify_tolerance}")
+    if args.amc_actor_reg is not None and not args.amc_actor_reg >= 0:
+        raise UserError(f"`--amc-actor-reg` must be >= 0 (0 turns the penalty off), got "
+                        f"{args.amc_actor_reg}")
     if args.storage and args.storage.split(":", 1)[0].split("+")[0] not in (
             "sqlite", "postgresql", "mysql"):
         raise UserError(f"`--storage` must be an RDB URL (sqlite:///..., postgresql://...), "
@@ -561,6 +564,8 @@ def cmd_search(args) -> int:
     elif args.searcher == "amc":
         options = {"reward": args.reward, "warmup_episodes": args.warmup_episodes,
                    "action": args.amc_action}
+        if args.amc_actor_reg is not None:
+            options["actor_reg"] = args.amc_actor_reg
     searcher = SEARCHERS[args.searcher]()(space, predictor, budget_ms, seed=args.seed,
                                          **options)
     n_trials = 1 if args.searcher == "uniform" else (args.trials or 100)
@@ -1190,6 +1195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="amc: an action scales the group's fair share of the latency the "
                    "budget still leaves (default), or spans the group's bounds, clipped by the "
                    "action wall (AMC), or the group's minimum to the most the wall allows")
+    p.add_argument("--amc-actor-reg", type=float, metavar="W",
+                   help="amc: weight of the penalty on the actor's pre-tanh activation, which "
+                   "keeps it from saturating (default 0.01; 0: off, as in studies made before "
+                   "it)")
     p.add_argument("--val-images", type=int, default=2000, help="val images per candidate")
     p.add_argument("--no-adaptive-bn", action="store_true",
                    help="skip BN recalibration of pruned candidates")

@@ -72,6 +72,9 @@ def main() -> int:
                     "(default: the searcher's)")
     ap.add_argument("--amc-action", choices=["bounds", "wall", "share"],
                     help="amc's action range (default: the searcher's)")
+    ap.add_argument("--amc-actor-reg", type=float,
+                    help="amc's penalty on the actor's pre-tanh activation (default: the "
+                    "searcher's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -105,7 +108,8 @@ def main() -> int:
                     options = {"population": 32} if name == "evolution" else {}
                     if name == "amc":
                         options.update({k: v for k, v in (("warmup_episodes", args.amc_warmup),
-                                                          ("action", args.amc_action))
+                                                          ("action", args.amc_action),
+                                                          ("actor_reg", args.amc_actor_reg))
                                         if v is not None})
                     out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
                                             pred, backend, args.trials, options,

@@ -77,6 +77,8 @@ def test_bad_arguments_get_one_line():
     assert_user_error(run_cli(*base, "--verify-top", "-1"), "`--verify-top` must be >= 0")
     assert_user_error(run_cli(*base, "--verify-tolerance", "1.5"),
                       "`--verify-tolerance` must be in [0, 1)")
+    assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-actor-reg", "-0.1"),
+                      "`--amc-actor-reg` must be >= 0")
 
 
 def test_unknown_zoo_name():
