@@ -660,6 +660,7 @@ def _verify(study, args, device, model, space, reference) -> str:
     from .progress import bar
 
     if args.verify_top == 0:
+        study.trust_prediction()
         return "best not measured on the device (`--verify-top 0`): its latency is predicted"
     usable, why = availability(device)
     if not usable:
@@ -667,8 +668,8 @@ def _verify(study, args, device, model, space, reference) -> str:
     predicted_best = study.best()
     budget = study.config["budget"]
     with _backend(device, args) as backend, \
-            bar(f"measure on {device.name} (at most {args.verify_top + 2})",
-                args.verify_top + 2, enabled=not args.quiet) as pbar:
+            bar(f"measure on {device.name} (at most {2 * args.verify_top + 2})",
+                2 * args.verify_top + 2, enabled=not args.quiet) as pbar:
         measure = budget_measurer(backend, model, space, fraction=budget.get("fraction"),
                                   budget_ms=budget.get("ms"),
                                   on_measured=lambda *_: pbar.advance())
@@ -678,20 +679,25 @@ def _verify(study, args, device, model, space, reference) -> str:
     what = (f"{budget['fraction']:g} of the unpruned model measured beside it"
             if "fraction" in budget else f"{budget['ms']:g} ms")
     limit = f"budget ({what}) x {1 + args.verify_tolerance:g}"
-    order = [c.policy for c in ranked(study.candidates)][:args.verify_top]
-    over = [study.measurement(p)["over_budget"]  # those measured before `found`
-            for p in (order if found is None else order[:order.index(found.policy)])]
+    order = [c.policy for c in ranked(study.candidates)]
+    ahead = order if found is None else order[:order.index(found.policy)]
+    over = [r["over_budget"] for p in ahead  # those measured before `found`
+            if (r := study.measurement(p)) is not None]
     if found is None:
-        log.warning("none of the %d most accurate candidates measured within the %s on %s "
-                    "(the closest: %.3f x budget); the best stays the predicted one. The "
-                    "latency table may not match this machine any more: rebuild its calibration "
-                    "with `autoprune profile --target-device %s --recalibrate`", len(over),
-                    limit, device.name, min(over), device.name)
+        log.warning("none of the %d candidates measured (the most accurate, then those the "
+                    "measurements say should fit) is within the %s on %s (the closest: %.3f x "
+                    "budget); the best stays the predicted one. The latency table may not match "
+                    "this machine any more: rebuild its calibration with `autoprune profile "
+                    "--target-device %s --recalibrate`", len(over), limit, device.name,
+                    min(over), device.name)
         return f"measured on {device.name}: no candidate within the {limit} (see the warning)"
     got = study.measurement(found.policy)
+    skipped = len(ahead) - len(over)
     passed_over = "" if found.policy == predicted_best.policy else \
         (f"; {len(over)} more accurate candidate(s) measured over it (" +
-         ", ".join(f"{r:.3f}" for r in over) + " x budget), so the best is the next one")
+         ", ".join(f"{r:.3f}" for r in over) + " x budget)" +
+         (f" and {skipped} not measured, whose predictions rescaled by those measurements "
+          "are over it too" if skipped else "") + ", so the best is the next one")
     return (f"measured on {device.name}: best {got['median_ms']:.4f} ms = "
             f"{got['over_budget']:.3f} x budget (within the {limit}){passed_over}")
 
@@ -1206,7 +1212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("l1", "l2", "bn-scale", "fpgm", "random"))
     p.add_argument("--verify-top", type=int, default=10, metavar="K",
                    help="at the end, measure the best candidates on the device (at most K, most "
-                   "accurate first) until one is within the budget; 0: trust the predictor")
+                   "accurate first) until one is within the budget; if none is, up to K more "
+                   "that the predictor, rescaled by those measurements, says fit; 0: trust the "
+                   "predictor")
     p.add_argument("--verify-tolerance", type=float, default=0.05, metavar="T",
                    help="measured latency may exceed the budget by this fraction (default 0.05: "
                    "the noise of re-measuring one model here is about 2.5%%)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -210,14 +211,38 @@ def first_measured_fit(candidates, measure, *, tolerance: float, top: int,
     under-states, so the winner by prediction alone can miss the budget (seen here at budget
     0.3 on a 4-channel grid: 1.15 x budget, measured). Measurements already in ``known``
     (policy_key -> measure's dict) are reused; new ones are added to it and passed to
-    ``on_measured(key, record)``."""
+    ``on_measured(key, record)``.
+
+    When none of the ``top`` fits, the predictor under-states latency where the best
+    candidates lie. It is then rescaled by what the device said (the median of measured over
+    budget per predicted ms, over every candidate measured so far), and up to ``top`` more are
+    measured: the most accurate of the rest whose rescaled prediction fits, each time."""
     known = {} if known is None else known
-    for c in ranked(candidates)[:top]:
+    order = ranked(candidates)
+
+    def fits(c: Candidate) -> bool:
         k = policy_key(c.policy)
         if k not in known:
             known[k] = measure(c.policy)
             if on_measured is not None:
                 on_measured(k, known[k])
-        if known[k]["over_budget"] <= 1 + tolerance:
+        return known[k]["over_budget"] <= 1 + tolerance
+
+    for c in order[:top]:
+        if fits(c):
             return c
+    rest, budget = order[top:], top
+    while budget > 0:
+        rates = [known[policy_key(c.policy)]["over_budget"] / c.latency_ms for c in order
+                 if policy_key(c.policy) in known and c.latency_ms > 0]
+        if not rates:
+            return None
+        rate = statistics.median(rates)
+        nxt = next((c for c in rest if rate * c.latency_ms <= 1 + tolerance), None)
+        if nxt is None:
+            return None
+        rest = [c for c in rest if c is not nxt]
+        budget -= policy_key(nxt.policy) not in known  # one measured before costs nothing
+        if fits(nxt):
+            return nxt
     return None

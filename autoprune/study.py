@@ -153,17 +153,23 @@ class Study:
 
     # ------------------------------------------------------------------ results
     def best(self) -> Candidate | None:
-        """The most accurate feasible candidate, leaving out those measured over the budget on
-        the device -- unless none measured fits (then the measurements cannot tell, and the
-        predicted best stands; `verify` says so)."""
+        """The most accurate feasible candidate that measured within the budget on the device
+        (`verify`); without such a measurement, the most accurate feasible one by prediction
+        (none measured yet, the check is off, or none measured fits: `verify` says so)."""
         order = ranked(self.candidates)
         m = self.measured
         if m.get("tolerance") is not None:
-            over = {k for k, v in m["policies"].items() if v["over_budget"] > 1 + m["tolerance"]}
-            keys = [policy_key(c.policy) for c in order]
-            if any(k in m["policies"] and k not in over for k in keys):
-                order = [c for c, k in zip(order, keys, strict=True) if k not in over]
+            fit = [c for c in order if (rec := m["policies"].get(policy_key(c.policy)))
+                   and rec["over_budget"] <= 1 + m["tolerance"]]
+            if fit:
+                return fit[0]
         return order[0] if order else None
+
+    def trust_prediction(self) -> None:
+        """`--verify-top 0`: the best is the predicted one again; measurements are kept."""
+        if self.measured.get("tolerance") is not None:
+            self.measured["tolerance"] = None
+            write_json(self.measured_path, self.measured)
 
     # ------------------------------------------------------------------ measured check
     @property
@@ -193,8 +199,9 @@ class Study:
 
     def verify(self, measure, *, tolerance: float, top: int) -> Candidate | None:
         """Measure the best candidates on the device, most accurate first, until one is within
-        the budget x (1 + ``tolerance``) (at most ``top``); that one becomes `best`. Returns
-        it, or None when none of them fits. ``measure``: see `evaluate.budget_measurer`."""
+        the budget x (1 + ``tolerance``) (at most ``top``, then up to ``top`` more chosen by the
+        rescaled predictor: see `evaluate.first_measured_fit`); that one becomes `best`.
+        Returns it, or None when none fits. ``measure``: see `evaluate.budget_measurer`."""
         m = self.measured
         m["tolerance"] = tolerance
         write_json(self.measured_path, m)
