@@ -169,7 +169,7 @@ class Study:
         """`--verify-top 0`: the best is the predicted one again; measurements are kept."""
         if self.measured.get("tolerance") is not None:
             self.measured["tolerance"] = None
-            write_json(self.measured_path, self.measured)
+            self._save_measured()
 
     # ------------------------------------------------------------------ measured check
     @property
@@ -194,7 +194,7 @@ class Study:
         k, known = policy_key(policy), self.measured["policies"]
         if k not in known and measure is not None:
             known[k] = measure(policy)
-            write_json(self.measured_path, self.measured)
+            self._save_measured()
         return known.get(k)
 
     def verify(self, measure, *, tolerance: float, top: int) -> Candidate | None:
@@ -204,10 +204,34 @@ class Study:
         Returns it, or None when none fits. ``measure``: see `evaluate.budget_measurer`."""
         m = self.measured
         m["tolerance"] = tolerance
-        write_json(self.measured_path, m)
+        self._save_measured()
         return first_measured_fit(self.candidates, measure, tolerance=tolerance, top=top,
                                   known=m["policies"],
-                                  on_measured=lambda *_: write_json(self.measured_path, m))
+                                  on_measured=lambda *_: self._save_measured())
+
+    def _save_measured(self) -> None:
+        """Write ``measured.json``. Workers that share a study (``--storage``) each run the
+        check at their end: under a lock, what the others wrote is merged in first (their
+        measurements of policies this one has not measured), so none is lost and none is
+        measured twice by a later run."""
+        if not self.shared:
+            write_json(self.measured_path, self.measured)
+            return
+        import fcntl
+
+        with open(self.root / "measured.json.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.measured_path.is_file():
+                    try:
+                        theirs = json.loads(self.measured_path.read_text()).get("policies", {})
+                    except json.JSONDecodeError:  # written atomically: never seen torn
+                        theirs = {}
+                    for k, rec in theirs.items():
+                        self.measured["policies"].setdefault(k, rec)
+                write_json(self.measured_path, self.measured)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def pareto(self) -> list[Candidate]:
         """Non-dominated candidates: no other is both faster and at least as accurate."""

@@ -565,3 +565,26 @@ def test_measured_check_rescales_the_predictor_when_the_best_all_miss(cli_env, t
     skipped = order.index(key) - (len(tried) - 1)
     if skipped:
         assert f"and {skipped} not measured" in out
+
+
+def test_workers_sharing_a_study_merge_their_measurements(setup, tmp_path):
+    """Two workers of one study (`--storage`) each measure policies at their end; neither
+    write loses what the other measured. A study of one process simply writes its own."""
+    from autoprune.evaluate import budget_measurer
+    from autoprune.study import Study
+
+    model, space, pred, budget, _ = setup
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = (Study(tmp_path / "s", {}, storage_url=url) for _ in range(2))
+    (tmp_path / "s").mkdir()
+    wide, narrow = space.full(), space.smallest()
+    with get_backend(get_device("cpu-ort")) as backend:
+        measure = budget_measurer(backend, model, space, budget_ms=budget)
+        assert a.measured == b.measured  # both loaded before either writes: the race
+        a.measurement(wide, measure)
+        b.measurement(narrow, measure)
+    on_disk = json.loads((tmp_path / "s" / "measured.json").read_text())["policies"]
+    assert set(on_disk) == {json.dumps(p.to_dict(), sort_keys=True) for p in (wide, narrow)}
+    assert b.measurement(wide) == a.measurement(wide)  # b took a's measurement in
+    assert all(r["median_ms"] > 0 and r["over_budget"] == pytest.approx(r["median_ms"] / budget)
+               for r in on_disk.values())
