@@ -668,8 +668,8 @@ def _verify(study, args, device, model, space, reference) -> str:
     predicted_best = study.best()
     budget = study.config["budget"]
     with _backend(device, args) as backend, \
-            bar(f"measure on {device.name} (at most {2 * args.verify_top + 2})",
-                2 * args.verify_top + 2, enabled=not args.quiet) as pbar:
+            bar(f"measure on {device.name}", 4 * args.verify_top + 2,  # the most it can take
+                enabled=not args.quiet) as pbar:
         measure = budget_measurer(backend, model, space, fraction=budget.get("fraction"),
                                   budget_ms=budget.get("ms"),
                                   on_measured=lambda *_: pbar.advance())

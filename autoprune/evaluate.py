@@ -213,10 +213,15 @@ def first_measured_fit(candidates, measure, *, tolerance: float, top: int,
     (policy_key -> measure's dict) are reused; new ones are added to it and passed to
     ``on_measured(key, record)``.
 
+    Every candidate passed over is measured a second time once a fit is found, and the
+    lower of its two measurements counts: a more accurate one that now fits wins.
+
     When none of the ``top`` fits, the predictor under-states latency where the best
     candidates lie. It is then rescaled by what the device said (the median of measured over
     budget per predicted ms, over every candidate measured so far), and up to ``top`` more are
-    measured: the most accurate of the rest whose rescaled prediction fits, each time."""
+    measured: the most accurate of the rest whose rescaled prediction is within the budget
+    itself (not the tolerance, which is for the noise of measuring), each time; if none is,
+    the cheapest of the rest."""
     known = {} if known is None else known
     order = ranked(candidates)
 
@@ -228,21 +233,37 @@ def first_measured_fit(candidates, measure, *, tolerance: float, top: int,
                 on_measured(k, known[k])
         return known[k]["over_budget"] <= 1 + tolerance
 
-    for c in order[:top]:
-        if fits(c):
-            return c
+    found = next((c for c in order[:top] if fits(c)), None)
     rest, budget = order[top:], top
-    while budget > 0:
+    while found is None and budget > 0:
         rates = [known[policy_key(c.policy)]["over_budget"] / c.latency_ms for c in order
                  if policy_key(c.policy) in known and c.latency_ms > 0]
         if not rates:
             return None
         rate = statistics.median(rates)
-        nxt = next((c for c in rest if rate * c.latency_ms <= 1 + tolerance), None)
-        if nxt is None:
+        if not rest:
             return None
+        # aim at the budget itself: the tolerance is for the noise of the measurement; if no
+        # candidate left should fit, try the cheapest (the rescaling extrapolates)
+        nxt = next((c for c in rest if rate * c.latency_ms <= 1.0), None) or \
+            min(rest, key=lambda c: c.latency_ms)
         rest = [c for c in rest if c is not nxt]
         budget -= policy_key(nxt.policy) not in known  # one measured before costs nothing
         if fits(nxt):
-            return nxt
-    return None
+            found = nxt
+    if found is None:
+        return None
+    # Noise on this machine only adds time, and a busy spell can outlast the three passes of
+    # one measurement (seen: 1.25 x budget for a policy that measured 1.00 the day before).
+    # So the candidates passed over are measured once more, now, and the lower counts.
+    for c in order[:order.index(found)]:
+        k = policy_key(c.policy)
+        if k not in known or known[k].get("remeasured"):
+            continue
+        again = measure(c.policy)
+        known[k] = {**min(known[k], again, key=lambda r: r["over_budget"]), "remeasured": True}
+        if on_measured is not None:
+            on_measured(k, known[k])
+        if known[k]["over_budget"] <= 1 + tolerance:
+            return c
+    return found
