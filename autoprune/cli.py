@@ -1202,9 +1202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "budget still leaves (default), or spans the group's bounds, clipped by the "
                    "action wall (AMC), or the group's minimum to the most the wall allows")
     p.add_argument("--amc-actor-reg", type=float, metavar="W",
-                   help="amc: weight of the penalty on the actor's pre-tanh activation, which "
-                   "keeps it from saturating (default 0.01; 0: off, as in studies made before "
-                   "it)")
+                   help="amc: weight of the penalty on the actor's pre-tanh activation beyond "
+                   "+-2, which keeps it from saturating (default 1; 0: off, as in studies made "
+                   "before it)")
     p.add_argument("--val-images", type=int, default=2000, help="val images per candidate")
     p.add_argument("--no-adaptive-bn", action="store_true",
                    help="skip BN recalibration of pruned candidates")

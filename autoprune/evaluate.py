@@ -254,7 +254,7 @@ def first_measured_fit(candidates, measure, *, tolerance: float, top: int,
     if found is None:
         return None
     # Noise on this machine only adds time, and a busy spell can outlast the three passes of
-    # one measurement (seen: 1.25 x budget for a policy that measured 1.00 the day before).
+    # one measurement (seen: the main job's best policy at 1.25 x budget, 1.00 the session before).
     # So the candidates passed over are measured once more, now, and the lower counts.
     for c in order[:order.index(found)]:
         k = policy_key(c.policy)

@@ -571,7 +571,7 @@ def test_measured_check_rescales_the_predictor_when_the_best_all_miss(setup):
 
 def test_workers_sharing_a_study_merge_their_measurements(setup, tmp_path):
     """Two workers of one study (`--storage`) each measure policies at their end; neither
-    write loses what the other measured. A study of one process simply writes its own."""
+    write loses what the other measured."""
     from autoprune.evaluate import budget_measurer
     from autoprune.study import Study
 
