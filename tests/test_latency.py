@@ -190,10 +190,11 @@ def test_validation_end_to_end(tiny, tiny_table):
     passes = np.array([r["measured_rounds_ms"] for r in result["rows"]])
     assert result["measured_split_half_tau"] == pytest.approx(kendalltau(
         np.median(passes[:, [0, 2]], axis=1), passes[:, 1]).statistic)
-    # no depthwise scale in this table: one fitted line over the same sums ranks identically
+    # no depthwise scale in this table: one fitted line over the same sums ranks the same
+    # policies, reversed where noise on 5 tiny models fits it a negative slope (seen in CI)
     assert not setup.table.calibration[setup.key].kind_scales
-    assert result["single_scale"]["kendall_tau"] == \
-        pytest.approx(result["predictor"]["kendall_tau"])
+    assert abs(result["single_scale"]["kendall_tau"]) == \
+        pytest.approx(abs(result["predictor"]["kendall_tau"]))
 
 
 def test_profile_and_predict_cli(tiny_file, tmp_path):
