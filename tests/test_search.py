@@ -188,14 +188,28 @@ def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, monkeypatch, nam
         threads.append(torch.get_num_threads())
         return inner(policy, trial)
 
+    if name == "amc":  # the agent's updates run on the caller's threads too
+        from autoprune.search.amc import make_agent_class
+
+        cls, update_threads = make_agent_class(), []
+        inner_train = cls._train
+
+        def _train(agent, *args):
+            update_threads.append(torch.get_num_threads())
+            return inner_train(agent, *args)
+
+        monkeypatch.setattr(cls, "_train", _train)
+
     torch.set_num_threads(2)  # the caller's choice (`--threads`)
     try:
         searcher.run(dataclasses.replace(ctx, evaluate=evaluate))
     finally:
         after = torch.get_num_threads()
         torch.set_num_threads(1)
-    # evaluations run on the caller's threads (amc's agent runs on one), and it gets them back
+    # evaluations run on the caller's threads (amc's agent acts on one), and it gets them back
     assert set(threads) == {2} and after == 2
+    if name == "amc":
+        assert update_threads and set(update_threads) == {2}
     assert len(found) == n
     assert all(c.feasible for c in found)
     assert max(c.val_acc for c in found) > 0.1

@@ -224,6 +224,7 @@ def make_agent_class():
 
         def _init_hooks(self) -> None:
             self._episode: list[tuple] = []
+            self.update_threads = 1  # torch threads for `train` (the caller's `--threads`)
             self.on_episode = lambda info: None  # progress: called with the episode's info
             self.on_checkpoint = lambda: None  # called where a checkpoint is consistent
             self.should_stop = lambda: False  # checked before every episode
@@ -304,7 +305,19 @@ def make_agent_class():
             (and their Polyak updates, about a quarter of an update's time) never enter a loss.
             The actor's step computes no gradients for the critic, and both optimisers are
             fused Adam: the update is most of amc's own time (see bench/search_quality.py's
-            overhead), and both cut the per-call overhead that dominates these small nets."""
+            overhead), and both cut the per-call overhead that dominates these small nets.
+            It runs on ``update_threads`` (the evaluations' threads, which are idle meanwhile),
+            the rest of the agent on one: 12 updates took 26 ms on 2 threads against 33 ms on
+            one (``bench/amc_update.py``)."""
+            threads = torch.get_num_threads()
+            torch.set_num_threads(self.update_threads)
+            try:
+                self._train(gradient_steps, batch_size)
+            finally:
+                torch.set_num_threads(threads)
+            self.on_checkpoint()  # after the update that follows every episode
+
+        def _train(self, gradient_steps: int, batch_size: int) -> None:
             import torch.nn.functional as F
 
             self.policy.set_training_mode(True)
@@ -333,12 +346,12 @@ def make_agent_class():
                 self.critic.requires_grad_(True)
                 self.actor.optimizer.step()
             self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-            self.on_checkpoint()  # after the update that follows every episode
 
         def _excluded_save_params(self) -> list[str]:
             # hooks are closures over the running study; RNG and counters go in state.json
+            # and the threads are the resuming caller's choice
             return [*super()._excluded_save_params(), "on_episode", "on_checkpoint",
-                    "should_stop", "rng", "_episode"]
+                    "should_stop", "rng", "_episode", "update_threads"]
 
         def amc_state(self) -> dict:
             return {"sigma_scaled": self.sigma_scaled, "baseline": self.baseline,
@@ -411,9 +424,8 @@ class AMCSearcher(Searcher):
     def run(self, ctx: SearchContext) -> None:
         import torch
 
-        # SB3 on several threads crawls on small nets: the agent runs on one thread, and
-        # evaluations on the threads the caller chose (`--threads`; before, every amc
-        # evaluation ran on one thread too)
+        # SB3 on several threads crawls on small nets: the agent acts on one thread, and the
+        # evaluations and its updates run on the threads the caller chose (`--threads`)
         eval_threads = torch.get_num_threads()
 
         def evaluate(policy, episode):
@@ -425,11 +437,11 @@ class AMCSearcher(Searcher):
 
         torch.set_num_threads(1)
         try:
-            self._run(ctx, evaluate)
+            self._run(ctx, evaluate, eval_threads)
         finally:
             torch.set_num_threads(eval_threads)
 
-    def _run(self, ctx: SearchContext, evaluate) -> None:
+    def _run(self, ctx: SearchContext, evaluate, threads: int) -> None:
         T = len(self.space)
         env = self.make_env(evaluate)
         cls = make_agent_class()
@@ -465,6 +477,7 @@ class AMCSearcher(Searcher):
                 self._save(agent, folder)
 
         agent.on_episode, agent.on_checkpoint = on_episode, on_checkpoint
+        agent.update_threads = threads
         # SB3's default logger makes an empty SB3-<date> folder in the temp dir on every learn()
         from stable_baselines3.common.logger import Logger
         agent.set_logger(Logger(folder=None, output_formats=[]))

@@ -1,0 +1,95 @@
+"""amc's DDPG update alone: milliseconds for one episode's update (AMC: one gradient step per
+group, batch 64, 300x300 actor and critic) on 1 and on 2 threads. Prints one JSON document.
+
+    python bench/amc_update.py [--groups 12] [--episodes 40] [--rounds 5]
+
+The agent is the searcher's own (``make_agent_class``), its replay buffer filled to AMC's 100
+episodes with random transitions (the update's cost does not depend on their values). Between
+updates the agent acts on one thread, as in a search; the "2 threads" figure includes switching
+the thread count in and out of each update, as ``AMCDDPG.train`` does. The two settings
+alternate round by round; the JSON gives the median and IQR of the round medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from autoprune.search.amc import N_FEATURES, make_agent_class  # noqa: E402
+
+
+class _Env(gym.Env):
+    """Only the spaces matter: the update reads the replay buffer, never the env."""
+
+    observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
+    action_space = spaces.Box(0.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(N_FEATURES, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(N_FEATURES, np.float32), 0.0, True, False, {}
+
+
+def main() -> int:
+    from stable_baselines3.common.logger import Logger
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--groups", type=int, default=12, help="gradient steps per episode "
+                    "(ResNet-20 has 12 groups)")
+    ap.add_argument("--episodes", type=int, default=40, help="updates timed per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    T = args.groups
+    agent = make_agent_class()(
+        "MlpPolicy", _Env(), learning_rate=1e-4, critic_lr=1e-3, buffer_size=100 * T,
+        learning_starts=0, batch_size=64, tau=0.01, gamma=1.0, train_freq=(1, "episode"),
+        gradient_steps=-1, policy_kwargs={"net_arch": {"pi": [300, 300], "qf": [300, 300]},
+                                          "optimizer_kwargs": {"fused": True}},
+        actor_reg=1.0, seed=0, device="cpu", verbose=0)
+    agent.set_logger(Logger(folder=None, output_formats=[]))
+    rng = np.random.default_rng(0)
+    for _ in range(100 * T):
+        agent.replay_buffer.add(rng.random((1, N_FEATURES), dtype=np.float32),
+                                rng.random((1, N_FEATURES), dtype=np.float32),
+                                rng.uniform(-1, 1, (1, 1)).astype(np.float32),
+                                np.array([rng.random()], np.float32), np.array([True]), [{}])
+    obs = torch.zeros(1, N_FEATURES)
+    rounds: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(args.rounds):
+        for threads in rounds:
+            torch.set_num_threads(1)
+            agent.update_threads = threads
+            agent.train(T, 64)  # warm-up
+            ts = []
+            for _ in range(args.episodes):
+                t0 = time.perf_counter()
+                agent.train(T, 64)
+                ts.append(time.perf_counter() - t0)
+                with torch.no_grad():
+                    agent.actor(obs)  # acting in between, on one thread
+            rounds[threads].append(statistics.median(ts) * 1000)
+    out = {"groups": T, "episodes_per_round": args.episodes, "rounds": args.rounds,
+           "torch": torch.__version__, "ms_per_episode_update": {}}
+    for threads, xs in rounds.items():
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        out["ms_per_episode_update"][f"{threads}_thread{'s' if threads > 1 else ''}"] = {
+            "median": round(statistics.median(xs), 2), "iqr": round(q[2] - q[0], 2),
+            "rounds": [round(x, 2) for x in xs]}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
