@@ -26,6 +26,7 @@ from typing import Any
 from ._io import atomic_write, write_json
 from .errors import UserError
 from .evaluate import Candidate, first_measured_fit, policy_key, ranked
+from .policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,9 @@ class Study:
             os.fsync(f.fileno())
         self.candidates.append(cand)
 
-    def trials_done(self, searcher: str) -> set[int]:
-        return {c.trial for c in self.candidates if c.searcher == searcher}
+    def trials_done(self, searcher: str) -> dict[int, Policy]:
+        """Trial number -> policy of the candidates ``searcher`` logged."""
+        return {c.trial: c.policy for c in self.candidates if c.searcher == searcher}
 
     # ------------------------------------------------------------------ results
     def best(self) -> Candidate | None:

@@ -7,9 +7,13 @@ Runs the evolution searcher's own study (``open_optuna_study``: NSGA-II, populat
 integer genes, a constraint, the ``MaxTrialsCallback``) with an objective that evaluates
 nothing, so the time per trial is the searcher's and the storage's alone. Configurations:
 
-- ``local``: a study's own SQLite file, as ``autoprune search`` opens it (WAL, no heartbeat);
-- ``shared``: the same file passed as ``--storage URL`` (WAL and heartbeats);
-- ``rollback-journal+heartbeat``: what the searcher did before (SQLite's default journal,
+- ``local``: a study's own SQLite file, as ``autoprune search`` opens it (``open_search_study``:
+  sampled in an in-memory copy, each finished trial written to the file in one transaction);
+- ``shared``: the same file passed as ``--storage URL`` (sampled in the file, WAL and
+  heartbeats);
+- ``sqlite-direct``: what ``local`` did before the copy: sampled in the file itself (WAL, no
+  heartbeat);
+- ``rollback-journal+heartbeat``: what the searcher did before that (SQLite's default journal,
   heartbeats on every study), for comparison;
 - ``journal-file``: Optuna's JournalStorage on a file, for reference.
 
@@ -31,7 +35,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autoprune.search.evolution import open_optuna_study  # noqa: E402
+from autoprune.search.evolution import open_optuna_study, open_search_study  # noqa: E402
 
 
 def _objective(trial):
@@ -42,15 +46,20 @@ def _objective(trial):
 
 
 def _open(kind: str, folder: Path, n: int):
+    """The study to optimize and its callbacks."""
     import optuna
+    from optuna.trial import TrialState
 
     sampler = optuna.samplers.NSGAIISampler(population_size=32, seed=0)
     directions = ["maximize", "minimize"]
     url = f"sqlite:///{folder / f'{kind}.db'}"
+    count = [optuna.study.MaxTrialsCallback(n, states=(TrialState.COMPLETE,))]
+    ctx = SimpleNamespace(storage_url=url, study_name="bench", recover_stale=False,
+                          shared_storage=kind == "shared", n_trials=n)
     if kind in ("local", "shared"):
-        ctx = SimpleNamespace(storage_url=url, study_name="bench", recover_stale=False,
-                              shared_storage=kind == "shared")
-        return open_optuna_study(ctx, sampler, directions=directions)
+        return open_search_study(ctx, sampler, directions=directions)
+    if kind == "sqlite-direct":
+        return open_optuna_study(ctx, sampler, directions=directions), count
     if kind == "rollback-journal+heartbeat":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -64,28 +73,26 @@ def _open(kind: str, folder: Path, n: int):
         storage = optuna.storages.JournalStorage(
             JournalFileBackend(str(folder / "journal.log")))
     return optuna.create_study(study_name="bench", storage=storage, sampler=sampler,
-                               directions=directions)
+                               directions=directions), count
 
 
 def main() -> int:
     import optuna
-    from optuna.trial import TrialState
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    kinds = ["local", "shared", "rollback-journal+heartbeat", "journal-file"]
+    kinds = ["local", "shared", "sqlite-direct", "rollback-journal+heartbeat", "journal-file"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(args.repeats):
         for kind in kinds:
             with tempfile.TemporaryDirectory() as tmp:
-                study = _open(kind, Path(tmp), args.trials)
+                study, callbacks = _open(kind, Path(tmp), args.trials)
                 t0 = time.perf_counter()
                 study.optimize(_objective, n_trials=args.trials, gc_after_trial=False,
-                               callbacks=[optuna.study.MaxTrialsCallback(
-                                   args.trials, states=(TrialState.COMPLETE,))])
+                               callbacks=callbacks)
                 ms = (time.perf_counter() - t0) / args.trials * 1000
                 times[kind].append(ms)
                 print(f"repeat {r} {kind}: {ms:.1f} ms/trial", file=sys.stderr, flush=True)

@@ -234,63 +234,60 @@ def test_evolution_with_a_seed_is_reproducible(setup, tmp_path):
     assert runs[0] == runs[1] and len(set(runs[0])) > 1
 
 
-def test_amc_noise_decays_on_new_policies_and_grows_on_repeats(setup):
-    """After warm-up, an episode with a new policy decays the exploration noise by 0.95 down
-    to the floor; an episode that repeats a policy raises it, up to the initial sigma."""
-    _, space, pred, budget, ev = setup
-    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0, warmup_episodes=1)
-    env = searcher.make_env(lambda p, ep: ev.evaluate(p))
-    agent = searcher.make_agent(env)
-    obs, _ = env.reset()
-    start, low, high = agent.sigma_scaled, agent.sigma_min_scaled, agent.sigma_max_scaled
-    assert (start, low, high) == pytest.approx((1.0, 0.2, 1.0))  # 0.5 and 0.1 in [0, 1] units
+def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup, digits,
+                                                                          tmp_path):
+    """A study's own SQLite file gets each finished trial, numbered as the candidates are. On
+    resume, a logged candidate whose trial the file lacks (the process died in between) is
+    proposed again under its number and served from the cache; unfinished trials that an older
+    version left in the file (RUNNING, WAITING) are failed there and their policies proposed
+    again."""
+    import optuna
+    from optuna.trial import TrialState
 
-    def episode(new):
-        agent._last_obs = obs[None]
-        agent._store_transition(agent.replay_buffer, np.zeros((1, 1), np.float32), obs[None],
-                                np.array([0.5]), np.array([True]), [{"new": new}])
-        return agent.sigma_scaled
+    model, space, pred, budget, _ = setup
+    # an evaluator of its own: which policies the shared one has cached depends on test order
+    ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=200, bn_batches=3)
+    searcher = SEARCHERS["evolution"]()(space, pred, budget, seed=1, population=4)
+    ctx, found = _ctx(ev, 5, tmp_path, "evo")
+    searcher.run(ctx)
+    stored = optuna.load_study(study_name="evo", storage=ctx.storage_url)
+    assert [t.number for t in stored.trials] == [c.trial for c in found] == list(range(5))
+    assert all(t.state == TrialState.COMPLETE for t in stored.trials)
+    assert [t.user_attrs["policy"] for t in stored.trials] == [c.policy.to_dict() for c in found]
+    assert stored.trials[0].system_attrs.get("fixed_params")  # the uniform seed
 
-    assert episode(True) == start  # the warm-up episode leaves it alone
-    assert [episode(True) for _ in range(5)] == pytest.approx([0.95 ** k for k in range(1, 6)])
-    assert agent.sigma_growth == pytest.approx(0.95 ** -4)
-    assert episode(False) == pytest.approx(0.95)
-    assert max(episode(False) for _ in range(50)) == pytest.approx(high)  # capped
-    assert min(episode(True) for _ in range(100)) == pytest.approx(low)  # floored
-    assert agent.episodes_done == 157 and agent.candidates_new == 106
+    # trial 5 was logged (evaluated) but the process died before the file got it
+    orphan = searcher.wall.project({g.name: g.min_channels for g in space.groups})
+    assert orphan not in ev.cache
+    ev.evaluate(orphan, searcher="test", trial=5)
+    done = {c.trial: c.policy for c in found} | {5: orphan}
+    evaluations = ev.evaluations
+    ctx, found2 = _ctx(ev, 7, tmp_path, "evo")
+    searcher.run(dataclasses.replace(ctx, done_trials=done))
+    stored = optuna.load_study(study_name="evo", storage=ctx.storage_url)
+    assert [t.state for t in stored.trials] == [TrialState.COMPLETE] * 7
+    assert stored.trials[5].user_attrs["policy"] == orphan.to_dict()
+    assert [c.trial for c in found2] == [5, 6] and found2[0].policy == orphan
+    assert ev.evaluations - evaluations == (found2[1].policy not in done.values())
 
-
-def test_amc_actor_penalty_keeps_it_off_the_tanh_wall(setup):
-    """A critic that rewards ever larger actions drives an unpenalised actor's pre-tanh
-    activation far out, where tanh passes no gradient (the saturation that stuck an agent at
-    budget 0.5); the default penalty holds it where the actor can still move back."""
-    from stable_baselines3.common.logger import Logger
-
-    _, space, pred, budget, ev = setup
-
-    def pre_tanh_after_training(**options):
-        searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0, **options)
-        agent = searcher.make_agent(searcher.make_env(lambda p, ep: ev.evaluate(p)))
-        agent.set_logger(Logger(folder=None, output_formats=[]))
-        rng = np.random.default_rng(0)
-        for _ in range(agent.replay_buffer.buffer_size):
-            obs = rng.uniform(0, 1, (1, 10)).astype(np.float32)
-            act = rng.uniform(-1, 1, (1, 1)).astype(np.float32)
-            agent.replay_buffer.add(obs, obs, act, act[0], np.array([True]), [{}])
-        agent.train(gradient_steps=600, batch_size=64)
-        obs = torch.as_tensor(agent.replay_buffer.observations[:, 0])
-        with torch.no_grad():
-            pre = agent.actor.mu[:-1](agent.actor.extract_features(
-                obs, agent.actor.features_extractor))
-        return float(pre.median())
-
-    assert SEARCHERS["amc"]()(space, pred, budget).actor_reg > 0  # on by default
-    assert "actor_reg" not in SEARCHERS["amc"]()(space, pred, budget, actor_reg=0).options()
-    free, held = pre_tanh_after_training(actor_reg=0), pre_tanh_after_training()
-    assert free > 0 and held > 0  # both learned that larger actions pay
-    # the gradient tanh passes back: here ~0.07 held (just past the bound of 2) against
-    # ~0.001 free, and falling as it trains on
-    assert 1 - np.tanh(held) ** 2 > 20 * (1 - np.tanh(free) ** 2)
+    # leftovers of an older version, which sampled in the file: a RUNNING and a WAITING trial
+    genome = lambda p: {g.name: g.choices.index(p[g.name]) for g in space.groups}  # noqa: E731
+    running = searcher.wall.project({g.name: g.choices[1] for g in space.groups})
+    waiting = searcher.wall.project({g.name: g.choices[-1] if i % 2 else g.choices[0]
+                                     for i, g in enumerate(space.groups)})
+    stored.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING, params=genome(running),
+                                               distributions=stored.trials[0].distributions))
+    stored.enqueue_trial(genome(waiting))
+    done |= {c.trial: c.policy for c in found2}
+    ctx, found3 = _ctx(ev, 9, tmp_path, "evo")
+    searcher.run(dataclasses.replace(ctx, done_trials=done))
+    stored = optuna.load_study(study_name="evo", storage=ctx.storage_url)
+    states = [t.state for t in stored.trials]
+    assert states == [TrialState.COMPLETE] * 7 + [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    assert [t.number for t in stored.trials] == list(range(11))
+    assert [c.policy for c in found3] == [running, waiting]
+    assert [t.user_attrs["policy"] for t in stored.trials[9:]] == [running.to_dict(),
+                                                                   waiting.to_dict()]
 
 
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
@@ -462,7 +459,12 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
     ckpt, tables, _ = cli_env
     pred = json.loads(run_cli("predict", "--target-device", "cpu-ort", "--weights", ckpt,
                               "--tables", tables, "--json", check=True).stdout)
-    budget_ms = (pred["smallest_ms"] + pred["full_ms"]) / 2
+    # halfway between the smallest policy and the unpruned model, and at least 1.2 x under
+    # the unpruned model as measured now: the table was calibrated earlier, and this shared
+    # machine's speed drifts (seen: the unpruned model measured at 0.86 x the halfway budget)
+    full = json.loads(run_cli("measure", "--target-device", "cpu-ort", "--weights", ckpt,
+                              "--tables", tables, "--json", check=True).stdout)["median_ms"]
+    budget_ms = min((pred["smallest_ms"] + pred["full_ms"]) / 2, full / 1.2)
     stale, runs = _stale_tables(tables, tmp_path / "stale"), tmp_path / "runs"
     args = ["search", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", stale,
             "--latency-budget-ms", f"{budget_ms:.6f}", "--runs", runs, "--val-images", "200",

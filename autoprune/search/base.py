@@ -18,7 +18,8 @@ class SearchContext:
 
     ``evaluate(policy, trial)`` returns the candidate (from the study's cache when the policy
     was evaluated before, e.g. before a crash) and logs new ones durably; ``n_trials`` is the
-    total for the study, ``done_trials`` the trial numbers already logged for this searcher.
+    total for the study, ``done_trials`` the trials already logged for this searcher (trial
+    number -> its policy).
     """
 
     evaluate: Callable[[Policy, int], Candidate]
@@ -27,7 +28,7 @@ class SearchContext:
     state_dir: Path
     storage_url: str | None = None
     study_name: str = "autoprune"
-    done_trials: set[int] = field(default_factory=set)
+    done_trials: dict[int, Policy] = field(default_factory=dict)
     recover_stale: bool = False  # the study's previous process died: its RUNNING trials are ours
     shared_storage: bool = False  # --storage URL: other workers may write the same study
     on_candidate: Callable[[Candidate], None] = lambda c: None
