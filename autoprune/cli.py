@@ -539,9 +539,10 @@ def cmd_search(args) -> int:
                         f"{args.verify_top}")
     if not 0 <= args.verify_tolerance < 1:
         raise UserError(f"`--verify-tolerance` must be in [0, 1), got {args.verify_tolerance}")
-    if args.amc_actor_reg is not None and not args.amc_actor_reg >= 0:
-        raise UserError(f"`--amc-actor-reg` must be >= 0 (0 turns the penalty off), got "
-                        f"{args.amc_actor_reg}")
+    if args.amc_actor_reg is not None:  # before any model or table is loaded
+        from .search.amc import check_actor_reg
+
+        check_actor_reg(args.amc_actor_reg)
     if args.storage and args.storage.split(":", 1)[0].split("+")[0] not in (
             "sqlite", "postgresql", "mysql"):
         raise UserError(f"`--storage` must be an RDB URL (sqlite:///..., postgresql://...), "

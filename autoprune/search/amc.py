@@ -376,6 +376,13 @@ def make_agent_class():
     return AMCDDPG
 
 
+def check_actor_reg(value: float) -> float:
+    """``--amc-actor-reg``: a weight >= 0 (NaN refused), or a `UserError` that says so."""
+    if not value >= 0:
+        raise UserError(f"`--amc-actor-reg` must be >= 0 (0 turns the penalty off), got {value}")
+    return float(value)
+
+
 class AMCSearcher(Searcher):
     """``--trials N`` = N evaluated candidates in total, as for every searcher: the agent runs
     episodes until N of them have produced a policy no earlier episode had (an episode that
@@ -391,10 +398,7 @@ class AMCSearcher(Searcher):
                  checkpoint_every: int = 5):
         super().__init__(space, predictor, budget_ms, seed=seed)
         self.reward, self.warmup_episodes, self.action = reward, warmup_episodes, action
-        if not actor_reg >= 0:
-            raise UserError(f"`--amc-actor-reg` must be >= 0 (0 turns the penalty off), got "
-                            f"{actor_reg}")
-        self.actor_reg = float(actor_reg)
+        self.actor_reg = check_actor_reg(actor_reg)
         self.checkpoint_every = checkpoint_every
 
     def options(self) -> dict:
