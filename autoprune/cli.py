@@ -677,6 +677,7 @@ def _verify(study, args, device, model, space, reference) -> str:
         found = study.verify(measure, tolerance=args.verify_tolerance, top=args.verify_top)
         for cand in reference.values():  # for the summary table
             study.measurement(cand.policy, measure)
+        pbar.finish()  # its total was the most the check could take
     what = (f"{budget['fraction']:g} of the unpruned model measured beside it"
             if "fraction" in budget else f"{budget['ms']:g} ms")
     limit = f"budget ({what}) x {1 + args.verify_tolerance:g}"

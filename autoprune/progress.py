@@ -20,6 +20,12 @@ class _Bar:
         if self._progress is not None:
             self._progress.update(self._task, **fields)
 
+    def finish(self) -> None:
+        """Done, for work whose total was only an upper bound (the bar shows it complete)."""
+        if self._progress is not None:
+            task = next(t for t in self._progress.tasks if t.id == self._task)
+            self._progress.update(self._task, completed=task.total)
+
 
 @contextlib.contextmanager
 def bar(description: str, total: int, *, enabled: bool, fields: str = "") -> Iterator[_Bar]:
@@ -71,6 +77,9 @@ class _PlainBar:
     def advance(self, n: int = 1, **fields) -> None:
         self.done += n
         self.update(**fields)
+
+    def finish(self) -> None:
+        self.done = self.total
 
     def update(self, **fields) -> None:
         import time

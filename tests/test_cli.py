@@ -172,3 +172,15 @@ def test_wrong_input_shape(digits_ckpt):
 def test_debug_shows_traceback():
     proc = run_cli("--debug", "space", "--model", "resnet99", "--data", "digits")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_progress_bar_in_a_log_and_finished_early(capsys):
+    """Written to a log (not a terminal), the bar prints plain lines `tail -f` can follow; a
+    bar whose total was only an upper bound (the measured check) ends complete."""
+    from autoprune.progress import bar
+
+    with bar("measure on cpu-ort", 42, enabled=True, fields="best {task.fields[best]}") as b:
+        b.advance(3, best="0.91")
+        b.finish()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("measure on cpu-ort 42/42 elapsed") and last.endswith("best 0.91")
