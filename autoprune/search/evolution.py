@@ -127,11 +127,11 @@ def open_search_study(ctx, sampler, *, directions: list[str], logged=None):
     file in one transaction. Optuna's storage writes every parameter, attribute and state change
     through its ORM, about 84 statements a trial; the copy cuts the searcher and storage time
     from ~30 ms a trial to ~12.5 (``bench/optuna_storage.py``). The file holds only finished
-    trials, numbered as in the copy. Trials a killed process left unfinished (``RUNNING``, or
-    ``WAITING`` in files written before the copy) are marked failed in the file and proposed
-    again, and so is a logged trial (``logged``: number -> parameters) that the file lacks: its
-    process died after the candidate was logged, before the trial was written, so the copy gives
-    it back its number and the cache serves it."""
+    trials, numbered as in the copy. A logged trial (``logged``: number -> parameters) that the
+    file lacks is proposed again first: its process died after the candidate was logged and
+    before the trial was written, so the copy gives it back its number and the cache serves it.
+    Unfinished trials in a file that an older version sampled in (``RUNNING`` left by a killed
+    process, ``WAITING`` ones it enqueued) are marked failed there and proposed again."""
     import optuna
     from optuna.trial import TrialState, create_trial
 
