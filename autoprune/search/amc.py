@@ -330,8 +330,6 @@ def make_agent_class():
                 self.critic.optimizer.zero_grad()
                 critic_loss.backward()
                 self.critic.optimizer.step()
-                # the actor's loss needs no gradient for the critic's weights
-                self.critic.requires_grad_(False)
                 features = self.actor.extract_features(data.observations,
                                                        self.actor.features_extractor)
                 pre = self.actor.mu[:-1](features)  # before the final tanh
@@ -342,8 +340,8 @@ def make_agent_class():
                     over = (pre.abs() - ACTOR_BOUND).clamp(min=0.0)
                     actor_loss = actor_loss + reg * over.pow(2).mean()
                 self.actor.optimizer.zero_grad()
-                actor_loss.backward()
-                self.critic.requires_grad_(True)
+                # only the actor's gradients: autograd skips the critic's weight gradients
+                actor_loss.backward(inputs=list(self.actor.parameters()))
                 self.actor.optimizer.step()
             self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
