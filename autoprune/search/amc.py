@@ -307,8 +307,8 @@ def make_agent_class():
             fused Adam: the update is most of amc's own time (see bench/search_quality.py's
             overhead), and both cut the per-call overhead that dominates these small nets.
             It runs on ``update_threads`` (the evaluations' threads, which are idle meanwhile),
-            the rest of the agent on one: 12 updates took 26 ms on 2 threads against 33 ms on
-            one (``bench/amc_update.py``)."""
+            the rest of the agent on one: 12 updates took 29 ms on 2 threads against 36 ms on
+            one (``bench/amc_update.py``, in bench/README.md)."""
             threads = torch.get_num_threads()
             torch.set_num_threads(self.update_threads)
             try:
