@@ -629,7 +629,6 @@ def cmd_search(args) -> int:
             ctx = SearchContext(evaluate=evaluate, n_trials=n_trials, seed=args.seed,
                                 state_dir=study.root / "amc", storage_url=study.storage_url,
                                 study_name=name, done_trials=done,
-                                recover_stale=study.previous_crashed and not study.shared,
                                 shared_storage=study.shared,
                                 on_candidate=on_candidate)
             searcher.run(ctx)

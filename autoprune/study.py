@@ -42,7 +42,6 @@ class Study:
         self.shared = storage_url is not None
         self.storage_url = storage_url or f"sqlite:///{(root / 'optuna.db').resolve()}"
         self.candidates: list[Candidate] = []
-        self.previous_crashed = False
         self._measured: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ open / resume
@@ -106,7 +105,6 @@ class Study:
             if alive and pid != os.getpid() and not self.shared:
                 raise UserError(f"study {self.root.name!r} is being run by process {pid}; wait "
                                 "for it, or share it between workers with `--storage URL`")
-            self.previous_crashed = not alive
         write_json(lock, {"pid": os.getpid(), "host": socket.gethostname(),
                           "since": time.time()})
 

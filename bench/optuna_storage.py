@@ -54,7 +54,7 @@ def _open(kind: str, folder: Path, n: int):
     directions = ["maximize", "minimize"]
     url = f"sqlite:///{folder / f'{kind}.db'}"
     count = [optuna.study.MaxTrialsCallback(n, states=(TrialState.COMPLETE,))]
-    ctx = SimpleNamespace(storage_url=url, study_name="bench", recover_stale=False,
+    ctx = SimpleNamespace(storage_url=url, study_name="bench",
                           shared_storage=kind == "shared", n_trials=n)
     if kind in ("local", "shared"):
         return open_search_study(ctx, sampler, directions=directions)

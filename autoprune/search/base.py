@@ -29,7 +29,6 @@ class SearchContext:
     storage_url: str | None = None
     study_name: str = "autoprune"
     done_trials: dict[int, Policy] = field(default_factory=dict)
-    recover_stale: bool = False  # the study's previous process died: its RUNNING trials are ours
     shared_storage: bool = False  # --storage URL: other workers may write the same study
     on_candidate: Callable[[Candidate], None] = lambda c: None
 

@@ -139,8 +139,7 @@ def open_search_study(ctx, sampler, *, directions: list[str], logged=None):
         study = open_optuna_study(ctx, sampler, directions=directions)
         return study, [optuna.study.MaxTrialsCallback(ctx.n_trials,
                                                       states=(TrialState.COMPLETE,))]
-    record = open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=directions,
-                               recover=False)
+    record = open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=directions)
     work = optuna.create_study(sampler=sampler, directions=directions)
     again = []
     for t in record.get_trials(deepcopy=False):
@@ -164,18 +163,17 @@ def open_search_study(ctx, sampler, *, directions: list[str], logged=None):
     return work, [write]
 
 
-def open_optuna_study(ctx, sampler, *, directions: list[str], recover: bool = True):
+def open_optuna_study(ctx, sampler, *, directions: list[str]):
     """Create (once) or load the Optuna study.
 
-    A study's own SQLite file belongs to one process (the study lock): a killed process's
-    RUNNING trials are failed and retried at once when the study resumes. Shared storage
+    A study's own SQLite file belongs to one process (the study lock): `open_search_study`
+    retries a killed process's trial when the study resumes. Shared storage
     (``--storage URL``) gets heartbeats instead, so a dead worker's trials are retried by the
     others after the grace period. SQLite runs in WAL mode with synchronous=NORMAL: a killed
     process loses nothing committed, and a trial sampled in the file costs ~30 ms of searcher
     and storage time instead of ~54 to 86 (``bench/optuna_storage.py``); a study's own file
     is sampled from a copy in memory (`open_search_study`)."""
     import optuna
-    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     shared = getattr(ctx, "shared_storage", False)
@@ -200,10 +198,4 @@ def open_optuna_study(ctx, sampler, *, directions: list[str], recover: bool = Tr
     else:
         raise UserError(f"cannot open Optuna storage {ctx.storage_url!r} ({last_error}); check "
                         "`--storage`") from last_error
-    if recover and getattr(ctx, "recover_stale", False):
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            params = t.system_attrs.get("fixed_params") or t.params
-            if params:
-                study.enqueue_trial(dict(params))
     return study
