@@ -153,22 +153,35 @@ def _clipped_in_order(wall, space, proposal):
 
 
 def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
-    _, space, pred, budget, _ = setup
-    wall = BudgetWall(space, pred, budget)
-    rng = np.random.default_rng(1)
-    repaired, projected = set(), set()
-    for _ in range(200):
-        proposal = {g.name: int(rng.choice(g.choices)) for g in space.groups}
-        p = wall.project(proposal)
-        assert pred.predict(p) <= budget * (1 + 1e-9)
-        for g in space.groups:  # never wider than proposed, always on the grid
-            assert p[g.name] <= proposal[g.name] and p[g.name] in g.choices
-        if pred.predict(proposal) <= budget:
-            assert p.to_dict() == proposal  # a feasible proposal is left alone
-        repaired.add(_clipped_in_order(wall, space, proposal))
-        projected.add(p)
-    # the point of projecting: over-budget proposals do not collapse onto a few policies
-    assert len(projected) >= len(repaired)
+    _, space, pred, mid, _ = setup
+    lo, hi = pred.min_latency(), pred.max_latency()
+    late = space.groups[len(space) // 2:]
+
+    def collapsed(policy, proposal):  # later groups cut to their minimum, proposed wider
+        return sum(policy[g.name] == g.min_channels < proposal[g.name] for g in late)
+
+    # the mid budget, where many proposals fit, and a tight one a tenth of the way from the
+    # smallest policy, where most do not
+    tight = lo + 0.1 * (hi - lo)
+    for budget in (mid, tight):
+        wall = BudgetWall(space, pred, budget)
+        rng = np.random.default_rng(1)
+        by_clipping = by_projecting = 0
+        for _ in range(200):
+            proposal = {g.name: int(rng.choice(g.choices)) for g in space.groups}
+            p = wall.project(proposal)
+            assert pred.predict(p) <= budget * (1 + 1e-9)
+            for g in space.groups:  # never wider than proposed, always on the grid
+                assert p[g.name] <= proposal[g.name] and p[g.name] in g.choices
+            if pred.predict(proposal) <= budget:
+                assert p.to_dict() == proposal  # a feasible proposal is left alone
+            by_projecting += collapsed(p, proposal)
+            by_clipping += collapsed(_clipped_in_order(wall, space, proposal), proposal)
+    # The point of projecting: clipping in group order spends a tight budget on the first
+    # groups and cuts the later ones to their minimum whatever was proposed for them. On 18
+    # tables profiled here clipping cut 1.25x to 3.4x as many at the tight budget. (At the mid
+    # budget few proposals are over it and the counts are small: which is lower is noise.)
+    assert by_projecting < by_clipping, (by_projecting, by_clipping)
 
 
 @pytest.mark.parametrize("name,n", [("uniform", 1), ("random", 6), ("evolution", 8),
