@@ -133,10 +133,11 @@ def cmd_train(args) -> int:
 
     from .data import load_dataset
     from .models import ModelSpec, build_model, save_checkpoint
-    from .train import TrainConfig, evaluate, train_resumable
+    from .train import TrainConfig, evaluate, train_device, train_resumable
 
     config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                          batch_size=args.batch_size, seed=args.seed)
+    device = train_device(args.train_device)
     out = Path(args.out)
     _check_writable(out)
     data = load_dataset(args.data, seed=args.seed)
@@ -144,16 +145,19 @@ def cmd_train(args) -> int:
                      input_size=data.input_size)
     model = build_model(spec)
     _check_input(model, data.input_shape, spec)
-    model.train()
+    model.to(device).train()
+    # the device is not part of the run's key: a state file written on one resumes on another
     run_key = {"model": spec.to_dict(), "data": args.data, "config": config.__dict__}
     state_path = out.with_name(out.name + ".train-state")
     history = train_resumable(model, data, config, state_path=state_path, run_key=run_key,
                               progress=not args.quiet, announce=print)
     val_acc, test_acc = evaluate(model, data.val), evaluate(model, data.test)
+    model.cpu()  # checkpoints hold CPU tensors, whatever trained them
     save_checkpoint(out, model, model_spec=spec, data_spec=args.data,
                     input_shape=data.input_shape,
                     metrics={"val_acc": val_acc, "test_acc": test_acc},
                     extra={"train_config": dict(config.__dict__), "history": history,
+                           "train_device": str(device),
                            "data_mean": list(data.mean), "data_std": list(data.std)})
     state_path.unlink(missing_ok=True)
     print(f"val accuracy  {val_acc * 100:.2f}%  ({len(data.val)} images)")
@@ -813,8 +817,9 @@ def _prune_for_study(study, base: Loaded, policy, data):
 
 def cmd_finetune(args) -> int:
     from .models import read_checkpoint, save_checkpoint
-    from .train import TrainConfig, evaluate, train_resumable
+    from .train import TrainConfig, evaluate, train_device, train_resumable
 
+    device = train_device(args.train_device)
     study = _open_finished(args)
     tag = Path(args.policy).stem if args.policy else "best"
     out = Path(args.out) if args.out else study.root / "finetune" / f"{tag}.pt"
@@ -843,17 +848,21 @@ def cmd_finetune(args) -> int:
     pruned = _prune_for_study(study, base, policy, data)
     val_before = evaluate(pruned, data.val)
     state_path = out.with_name(out.name + ".train-state")
+    pruned.to(device)
     history = train_resumable(pruned, data, config, state_path=state_path, run_key=run_key,
                               teacher=base.model if args.distill else None,
                               progress=not args.quiet, announce=print)
     pruned.eval()
     val_after = evaluate(pruned, data.val)
+    pruned.cpu()  # checkpoints hold CPU tensors, whatever trained them
+    base.model.cpu()
     save_checkpoint(out, pruned, model_spec=base.spec, data_spec=base.data_spec,
                     input_shape=base.input_shape,
                     metrics={"val_acc": val_after, "val_acc_before": val_before},
                     extra={"policy": policy.to_dict(), "study": study.root.name,
                            "base_sha256": study.config["weights_sha256"],
                            "finetune": {**config.__dict__, "distill": bool(args.distill)},
+                           "train_device": str(device),
                            "history": history, "run_key": run_key})
     state_path.unlink(missing_ok=True)
     if args.json:
@@ -1115,6 +1124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint path to write")
+    p.add_argument("--train-device", default="cpu", metavar="DEV",
+                   help="where PyTorch trains: cpu (default), cuda or cuda:N; the checkpoint is "
+                   "the same either way (CPU tensors)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -1239,6 +1251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="the study's base checkpoint, if it has moved")
     p.add_argument("--out", help="checkpoint to write (default runs/<study>/finetune/<policy>.pt)")
     p.add_argument("--force", action="store_true", help="train again even if already done")
+    p.add_argument("--train-device", default="cpu", metavar="DEV",
+                   help="where PyTorch trains: cpu (default), cuda or cuda:N; the checkpoint is "
+                   "the same either way (CPU tensors)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_finetune)

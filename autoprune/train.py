@@ -56,11 +56,18 @@ def evaluate(model: nn.Module, split: Split, *, batch_size: int = 250) -> float:
     """Top-1 accuracy in [0, 1]. Batches of 250 are ~3x faster here than one big batch."""
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     correct = 0
     for x, y in Batches(split, batch_size):
+        x, y = x.to(device), y.to(device)
         correct += (model(x).argmax(1) == y).sum().item()
     model.train(was_training)
     return correct / max(1, len(split))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def distillation_loss(student_logits, teacher_logits, targets, *, alpha: float, temperature: float):
@@ -91,6 +98,8 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
           on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train ``model`` in place; returns a history dict (per-epoch loss, train acc, val acc).
 
+    Training runs where ``model``'s parameters are (the CLI's ``--train-device``); batches are
+    drawn on the CPU, the same for every device, and moved there, and so is ``teacher``.
     ``on_epoch_end(epoch, state)`` receives a resumable state (model, optimizer, epoch, history)
     after every epoch; passing that state back as ``resume_state`` continues from there.
     """
@@ -108,8 +117,9 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
         start_epoch = int(resume_state["epoch"])
         history = {k: list(v) for k, v in resume_state["history"].items()}
         loader.epoch = start_epoch
+    device = _device_of(model)
     if teacher is not None:
-        teacher.eval()
+        teacher.to(device).eval()
 
     def lr_at(step: int) -> float:
         return 0.5 * config.lr * (1.0 + math.cos(math.pi * step / total_steps))
@@ -122,6 +132,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
             model.train()
             t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
             for i, (x, y) in enumerate(loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 step = epoch * len(loader) + i
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step)
@@ -154,10 +165,38 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
                      history["epoch_s"][-1])
             if on_epoch_end is not None:
                 # A copy: the live tensors keep changing once training goes on.
-                on_epoch_end(epoch + 1, copy.deepcopy({
+                # A copy on the CPU: the live tensors keep changing once training goes on, and
+                # a state file must resume on any device.
+                on_epoch_end(epoch + 1, _to_cpu(copy.deepcopy({
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1, "history": history}))
+                    "epoch": epoch + 1, "history": history})))
     return history
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def train_device(name: str) -> torch.device:
+    """The device ``--train-device`` names, refused with a UserError where it is not there."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"`--train-device {name}`: PyTorch sees no CUDA device here "
+                            f"(torch {torch.__version__}); use `--train-device cpu`")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"`--train-device {name}`: only {torch.cuda.device_count()} CUDA "
+                            f"device(s) here; use `cuda:0`")
+        return dev
+    raise UserError(f"`--train-device` must be cpu, cuda or cuda:N, got {name!r}")
 
 
 def train_resumable(model: nn.Module, data: Dataset, config: TrainConfig, *,

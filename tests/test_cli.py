@@ -138,6 +138,19 @@ def test_dataset_folder_missing_or_wrong(tmp_path):
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_train_device_that_is_not_there(tmp_path):
+    import torch
+
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"precious")
+    args = ("train", "--model", "resnet20", "--data", "digits", "--epochs", "1", "--out", out)
+    assert_user_error(run_cli(*args, "--train-device", "tpu"), "`--train-device`", "cuda:N")
+    if not torch.cuda.is_available():  # this machine and CI's: refused before any work
+        assert_user_error(run_cli(*args, "--train-device", "cuda"), "no CUDA device",
+                          "--train-device cpu")
+    assert out.read_bytes() == b"precious"
+
+
 def test_bad_policy_json(digits_ckpt, tmp_path):
     p = tmp_path / "p.json"
     out = tmp_path / "out.pt"

@@ -200,6 +200,8 @@ def test_bad_input(chain, tmp_path):
                               chain["ckpt"]), "not fine-tuned from study")
     assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "0"),
                       "`--epochs`")
+    assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "1",
+                              "--train-device", "gpu"), "`--train-device`")
     assert _digest(runs / "s" / "export") == saved  # nothing already saved was touched
 
 

@@ -55,3 +55,39 @@ def test_distillation_uses_the_teacher(digits):
     history = train(student, digits, TrainConfig(epochs=2, batch_size=64, lr=0.05),
                     teacher=teacher)
     assert history["val_acc"][-1] > 0.5
+
+
+def test_training_on_the_best_device_here_resumes_on_the_cpu(digits):
+    """`--train-device`: a distilled run where the model is (CUDA on a GPU machine, else the
+    CPU) writes CPU states that resume on the CPU and end where the first run ended."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, seed=3)
+    teacher = _model(digits)
+    train(teacher, digits, TrainConfig(epochs=3, batch_size=64, lr=0.05))
+    torch.manual_seed(0)
+    a = _model(digits).to(dev)
+    init = {k: v.cpu().clone() for k, v in a.state_dict().items()}
+    states = {}
+    history = train(a, digits, cfg, teacher=teacher,
+                    on_epoch_end=lambda epoch, state: states.__setitem__(epoch, state))
+    assert all(p.device.type == dev.type for p in a.parameters())
+    assert next(teacher.parameters()).device.type == dev.type  # the teacher went along
+    assert history["val_acc"][-1] == evaluate(a, digits.val) > 0.5
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    assert all(t.device.type == "cpu" for t in tensors(states[1]))  # resumable anywhere
+    assert any(not torch.equal(v, init[k]) for k, v in states[1]["model"].items())
+    b = _model(digits)  # on the CPU, from the epoch-1 state
+    teacher.cpu()
+    train(b, digits, cfg, teacher=teacher, resume_state=states[1])
+    for k, v in a.state_dict().items():  # the same batches and learning rates followed
+        assert torch.allclose(v.cpu().float(), b.state_dict()[k].float(), atol=1e-3), k
