@@ -606,13 +606,12 @@ def cmd_search(args) -> int:
 
     try:
         with bar(f"search {args.searcher}", n_trials, enabled=not args.quiet,
-                 fields="best {task.fields[best]}") as pbar:
+                 completed=min(len(done), n_trials), fields="best {task.fields[best]}") as pbar:
             def show():
                 b = best[0]
                 pbar.update(best=f"{b.val_acc * 100:.2f}% @ {b.latency_ms:.4f} ms"
                             if b else "-")
 
-            pbar.advance(min(len(done), n_trials))
             show()
 
             def evaluate(policy, trial):

@@ -28,11 +28,14 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def bar(description: str, total: int, *, enabled: bool, fields: str = "") -> Iterator[_Bar]:
+def bar(description: str, total: int, *, enabled: bool, fields: str = "",
+        completed: int = 0) -> Iterator[_Bar]:
     """A rich progress bar on stderr with elapsed time and ETA.
 
     ``fields`` is a rich format string using ``task.fields`` (e.g. ``"loss {task.fields[loss]}"``);
-    pass the initial values to ``advance``/``update``.
+    pass the initial values to ``advance``/``update``. ``completed`` is work already done
+    before this process (a resumed run): the bar starts there, and the ETA is estimated from
+    this process's own pace only.
     """
     if not enabled or total <= 0:  # nothing to do: no bar (a 0/0 line says nothing)
         yield _Bar(None, None)
@@ -40,7 +43,7 @@ def bar(description: str, total: int, *, enabled: bool, fields: str = "") -> Ite
     if not sys.stderr.isatty():
         # A log file, not a terminal: rich would draw nothing until the end, so print a plain
         # line now and then that `tail -f` can follow.
-        plain = _PlainBar(description, total, fields)
+        plain = _PlainBar(description, total, fields, completed)
         yield plain
         plain.line(final=True)
         return
@@ -60,18 +63,21 @@ def bar(description: str, total: int, *, enabled: bool, fields: str = "") -> Ite
         columns.append(TextColumn(fields))
     console = Console(file=sys.stderr)
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total, **_field_defaults(fields))
+        # rich's speed comes from the advances it samples, not from a task's starting point
+        task = progress.add_task(description, total=total, completed=completed,
+                                 **_field_defaults(fields))
         yield _Bar(progress, task)
 
 
 class _PlainBar:
     every_s = 15.0
 
-    def __init__(self, description: str, total: int, fields: str):
+    def __init__(self, description: str, total: int, fields: str, completed: int = 0):
         import time
 
         self.description, self.total, self.fields = description, total, fields
-        self.done, self.values = 0, _field_defaults(fields)
+        self.done = self.start = completed
+        self.values = _field_defaults(fields)
         self.t0 = self.last = time.monotonic()
 
     def advance(self, n: int = 1, **fields) -> None:
@@ -94,7 +100,8 @@ class _PlainBar:
         now = time.monotonic()
         self.last = now
         elapsed = now - self.t0
-        eta = f"{elapsed / self.done * (self.total - self.done):.0f}s" if self.done else "?"
+        ran = self.done - self.start  # the pace of this process, not of the run it resumed
+        eta = f"{elapsed / ran * (self.total - self.done):.0f}s" if ran > 0 else "?"
         text = re.sub(r"\{task\.fields\[(\w+)\]\}", lambda m: str(self.values.get(m[1], "-")),
                       self.fields)
         print(f"{self.description} {self.done}/{self.total} elapsed {elapsed:.0f}s "

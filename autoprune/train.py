@@ -124,10 +124,9 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
     def lr_at(step: int) -> float:
         return 0.5 * config.lr * (1.0 + math.cos(math.pi * step / total_steps))
 
-    with bar("train", total_steps, enabled=progress,
+    with bar("train", total_steps, enabled=progress, completed=start_epoch * len(loader),
              fields="epoch {task.fields[epoch]} loss {task.fields[loss]} "
                     "acc {task.fields[acc]} val {task.fields[val]}") as pbar:
-        pbar.advance(start_epoch * len(loader))
         for epoch in range(start_epoch, config.epochs):
             model.train()
             t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0

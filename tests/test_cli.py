@@ -197,3 +197,19 @@ def test_progress_bar_in_a_log_and_finished_early(capsys):
         b.finish()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("measure on cpu-ort 42/42 elapsed") and last.endswith("best 0.91")
+
+
+def test_progress_eta_of_a_resumed_run_is_its_own_pace(capsys, monkeypatch):
+    """A resumed run (90 of 100 steps done before) that takes 50 s for 5 steps has 50 s to
+    go, not the 3 s the 90 earlier steps, counted as if done in those 50 s, would give."""
+    import time
+
+    from autoprune.progress import bar
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with bar("train", 100, enabled=True, completed=90) as b:
+        clock[0] += 50.0
+        b.advance(5)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "train 95/100 elapsed 50s eta 50s", lines
