@@ -1104,6 +1104,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"autoprune: error: {message}; see `{self.prog} --help`\n")
 
 
+def _add_train_device_arg(p) -> None:
+    p.add_argument("--train-device", default="cpu", metavar="DEV",
+                   help="where PyTorch trains: cpu (default), cuda or cuda:N; the checkpoint is "
+                   "the same either way (CPU tensors)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="autoprune",
@@ -1123,9 +1129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint path to write")
-    p.add_argument("--train-device", default="cpu", metavar="DEV",
-                   help="where PyTorch trains: cpu (default), cuda or cuda:N; the checkpoint is "
-                   "the same either way (CPU tensors)")
+    _add_train_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -1250,9 +1254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="the study's base checkpoint, if it has moved")
     p.add_argument("--out", help="checkpoint to write (default runs/<study>/finetune/<policy>.pt)")
     p.add_argument("--force", action="store_true", help="train again even if already done")
-    p.add_argument("--train-device", default="cpu", metavar="DEV",
-                   help="where PyTorch trains: cpu (default), cuda or cuda:N; the checkpoint is "
-                   "the same either way (CPU tensors)")
+    _add_train_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_finetune)

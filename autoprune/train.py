@@ -163,7 +163,6 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
                      config.epochs, history["loss"][-1], history["train_acc"][-1], val_acc,
                      history["epoch_s"][-1])
             if on_epoch_end is not None:
-                # A copy: the live tensors keep changing once training goes on.
                 # A copy on the CPU: the live tensors keep changing once training goes on, and
                 # a state file must resume on any device.
                 on_epoch_end(epoch + 1, _to_cpu(copy.deepcopy({
