@@ -14,7 +14,9 @@ For every model x budget x seed:
 Every method reports test accuracy (before and after fine-tune), measured latency of unpruned
 and pruned (alternating rounds in one process) and the speedup; the searched ones also their
 predicted speedup. Targets (issue 5): searched >= uniform + 0.3 points and >= tp-global at
-budget 0.3; measured speedup within 5% of predicted.
+budget 0.3; measured speedup within 5% of predicted. Rows measured while the machine was busy
+(a latency IQR over 5% of its median) are listed under ``checks[...]["noisy_measurements"]``:
+run the same command again to measure them again.
 
     python bench/end_to_end.py --models resnet20 --budgets 0.5 --trials 60 --epochs 2
     python bench/end_to_end.py --models resnet20,resnet56 --budgets 0.5,0.3 \\
@@ -36,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {"resnet20": ROOT / "autoprune" / "weights" / "resnet20-fashion-mnist.pt"}
 SEARCHED = ("amc", "evolution", "uniform")
+NOISY_IQR = 0.05  # a latency's IQR over its median above which a row is suspect
 
 
 def log(msg: str) -> None:
@@ -221,6 +224,17 @@ def main() -> int:
         if errs:
             c["max_abs_speedup_error_pct"] = max(errs)
             c["speedup_within_5pct_of_predicted"] = max(errs) <= 5.0
+        # A busy spell of a shared machine shows as a wide IQR (the median of the rounds' IQRs;
+        # seen: amc's winner at 0.2593 ms, IQR 9% of it, then 0.1844 ms, IQR 0.9%, re-run);
+        # re-running the same command measures again and keeps every study and fine-tune.
+        noisy = [f"{m} seed {x['seed']}" for m, rs in by.items() for x in rs
+                 if any(x[k]["iqr_ms"] > NOISY_IQR * x[k]["median_ms"]
+                        for k in ("measured_ms", "unpruned_measured_ms"))]
+        c["noisy_measurements"] = noisy
+        if noisy:
+            log(f"{key}: latency IQR over {NOISY_IQR:.0%} of the median for "
+                f"{', '.join(noisy)}: the machine was busy; run the same command again to "
+                "measure again")
         checks[key] = c
     print(json.dumps({"command": " ".join(sys.argv), "config": vars(a), "results": results,
                       "checks": checks}, indent=2, default=str))
