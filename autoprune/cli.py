@@ -680,7 +680,8 @@ def _verify(study, args, device, model, space, reference) -> str:
         for cand in reference.values():  # for the summary table
             study.measurement(cand.policy, measure)
         pbar.finish()  # its total was the most the check could take
-    what = (f"{budget['fraction']:g} of the unpruned model measured beside it"
+    what = (f"{budget['fraction']:g} of the unpruned model, measured beside each policy, at "
+            "its quietest"
             if "fraction" in budget else f"{budget['ms']:g} ms")
     limit = f"budget ({what}) x {1 + args.verify_tolerance:g}"
     order = [c.policy for c in ranked(study.candidates)]
