@@ -16,7 +16,7 @@ and pruned (alternating rounds in one process) and the speedup; the searched one
 predicted speedup. Targets (issue 5): searched >= uniform + 0.3 points and >= tp-global at
 budget 0.3; measured speedup within 5% of predicted. Rows measured while the machine was busy
 (a latency IQR over 5% of its median) are listed under ``checks[...]["noisy_measurements"]``:
-run the same command again to measure them again.
+run the same command again to measure them again (``--methods`` can name just those).
 
     python bench/end_to_end.py --models resnet20 --budgets 0.5 --trials 60 --epochs 2
     python bench/end_to_end.py --models resnet20,resnet56 --budgets 0.5,0.3 \\
@@ -226,7 +226,8 @@ def main() -> int:
             c["speedup_within_5pct_of_predicted"] = max(errs) <= 5.0
         # A busy spell of a shared machine shows as a wide IQR (the median of the rounds' IQRs;
         # seen: amc's winner at 0.2593 ms, IQR 9% of it, then 0.1844 ms, IQR 0.9%, re-run);
-        # re-running the same command measures again and keeps every study and fine-tune.
+        # re-running the same command measures again (the searched methods keep their studies
+        # and fine-tunes; tp-global is done again).
         noisy = [f"{m} seed {x['seed']}" for m, rs in by.items() for x in rs
                  if any(x[k]["iqr_ms"] > NOISY_IQR * x[k]["median_ms"]
                         for k in ("measured_ms", "unpruned_measured_ms"))]
