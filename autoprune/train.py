@@ -7,7 +7,6 @@ conv/linear weights only (not on BN or biases). With ``teacher`` the loss is
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -165,19 +164,21 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, *,
             if on_epoch_end is not None:
                 # A copy on the CPU: the live tensors keep changing once training goes on, and
                 # a state file must resume on any device.
-                on_epoch_end(epoch + 1, _to_cpu(copy.deepcopy({
+                on_epoch_end(epoch + 1, _cpu_copy({
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1, "history": history})))
+                    "epoch": epoch + 1, "history": history}))
     return history
 
 
-def _to_cpu(obj):
+def _cpu_copy(obj):
+    """A copy of nested dicts, lists and tuples whose tensors are copied to the CPU once (the
+    other leaves of a state dict are immutable scalars, strings and None)."""
     if isinstance(obj, torch.Tensor):
-        return obj.cpu()
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_cpu_copy(v) for v in obj)
     return obj
 
 
@@ -186,10 +187,14 @@ def train_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
+        try:
+            dev = torch.device(name)
+        except RuntimeError:  # e.g. cuda:x
+            raise UserError(f"`--train-device` must be cpu, cuda or cuda:N, got {name!r}") \
+                from None
         if not torch.cuda.is_available():
             raise UserError(f"`--train-device {name}`: PyTorch sees no CUDA device here "
                             f"(torch {torch.__version__}); use `--train-device cpu`")
-        dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"`--train-device {name}`: only {torch.cuda.device_count()} CUDA "
                             f"device(s) here; use `cuda:0`")

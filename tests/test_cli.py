@@ -144,7 +144,8 @@ def test_train_device_that_is_not_there(tmp_path):
     out = tmp_path / "m.pt"
     out.write_bytes(b"precious")
     args = ("train", "--model", "resnet20", "--data", "digits", "--epochs", "1", "--out", out)
-    assert_user_error(run_cli(*args, "--train-device", "tpu"), "`--train-device`", "cuda:N")
+    for bad in ("tpu", "cuda:x"):
+        assert_user_error(run_cli(*args, "--train-device", bad), "`--train-device`", "cuda:N")
     if not torch.cuda.is_available():  # this machine and CI's: refused before any work
         assert_user_error(run_cli(*args, "--train-device", "cuda"), "no CUDA device",
                           "--train-device cpu")
