@@ -75,8 +75,12 @@ class LatencyTable:
             have = self.versions.get(key)
             if have != want:
                 return f"its {key} is {have!r} but this machine has {want!r}"
-        if self.cpu != _cpu_for(device):
-            return f"it was measured on CPU {self.cpu!r}, this is {_cpu_for(device)!r}"
+        here = _cpu_for(device)
+        if self.cpu != here:
+            why = f"it was measured on CPU {self.cpu!r}, this is {here!r}"
+            if here.startswith(f"{self.cpu} ("):  # a table written before the family was kept
+                why += " (the table does not say which generation: it could be another)"
+            return why
         if (self.threads, self.batch) != (device.threads, device.batch):
             return (f"it was measured with {self.threads} thread(s), batch {self.batch}; the "
                     f"device says {device.threads}, batch {device.batch}")
