@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -680,6 +681,7 @@ def _verify(study, args, device, model, space, reference) -> str:
         for cand in reference.values():  # for the summary table
             study.measurement(cand.policy, measure)
         pbar.finish()  # its total was the most the check could take
+    _warn_if_table_drifted(study, reference["unpruned"], device)
     what = (f"{budget['fraction']:g} of the unpruned model, measured beside each policy, at "
             "its quietest"
             if "fraction" in budget else f"{budget['ms']:g} ms")
@@ -705,6 +707,29 @@ def _verify(study, args, device, model, space, reference) -> str:
           "are over it too" if skipped else "") + ", so the best is the next one")
     return (f"measured on {device.name}: best {got['median_ms']:.4f} ms = "
             f"{got['over_budget']:.3f} x budget (within the {limit}){passed_over}")
+
+
+TABLE_DRIFT = 0.2  # unpruned predicted vs measured, beyond which the table is suspect
+
+
+def _warn_if_table_drifted(study, unpruned, device) -> None:
+    """Warn where the unpruned model, measured by the check at its quietest, is far from what
+    the table predicts: the table then describes another machine (a table measured on one
+    "AMD EPYC" predicted ResNet-56 at 1.73 ms on another that ran it in 1.09, and every
+    pruned policy 10% too fast against it) or a load that has changed. The calibration is
+    fitted to within a few percent, so 20% is no noise of measuring."""
+    rec = study.measurement(unpruned.policy)
+    if rec is None:
+        return
+    measured = min(rec["median_ms"], rec.get("budget_reference_ms", math.inf))
+    off = measured / unpruned.latency_ms - 1.0
+    if abs(off) > TABLE_DRIFT:
+        log.warning("the latency table predicts the unpruned model at %.4f ms, and %s measures "
+                    "it at %.4f ms (%+.0f%%): the table was measured on another machine or "
+                    "under another load, and its predictions are off here; rebuild it with "
+                    "`autoprune profile --target-device %s --rebuild` (and this search's "
+                    "--model/--weights)", unpruned.latency_ms, device.name, measured,
+                    100 * off, device.name)
 
 
 def cmd_report(args) -> int:

@@ -549,6 +549,10 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
     assert best["measured_over_budget"] > 1.05
     assert "none of the 1 candidates measured" in " ".join(proc.stderr.split())
     assert "--recalibrate" in proc.stderr and "no candidate within" in proc.stdout
+    # and the unpruned model, measured at about twice its prediction, says the table is stale
+    said = " ".join(proc.stderr.split())
+    assert "the latency table predicts the unpruned model at" in said
+    assert "--target-device cpu-ort --rebuild" in said
 
     proc = run_cli(*args, "--searcher", "random", "--trials", "12", "--study", "r",
                    "--verify-top", "12", check=True)
