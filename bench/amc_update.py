@@ -1,13 +1,16 @@
 """amc's DDPG update alone: milliseconds for one episode's update (AMC: one gradient step per
-group, batch 64, 300x300 actor and critic) on 1 and on 2 threads. Prints one JSON document.
+group, batch 64, 300x300 actor and critic), the hand-written update the searcher runs against
+the same update through autograd and the optimisers' ``step`` (``_train_autograd``, the
+reference it is tested against), each on 1 and on 2 threads. Prints one JSON document.
 
     python bench/amc_update.py [--groups 12] [--episodes 40] [--rounds 5]
 
 The agent is the searcher's own (``make_agent_class``), its replay buffer filled to AMC's 100
 episodes with random transitions (the update's cost does not depend on their values). Between
-updates the agent acts on one thread, as in a search; the "2 threads" figure includes switching
-the thread count in and out of each update, as ``AMCDDPG.train`` does. The two settings
-alternate round by round; the JSON gives the median and IQR of the round medians.
+updates the agent acts on one thread, as in a search; the "2 threads" figures include switching
+the thread count in and out of each update, as ``AMCDDPG.train`` does. The four settings
+alternate round by round; the JSON gives the median and IQR of the round medians, and the
+median of the per-round ratios hand-written / autograd.
 """
 
 from __future__ import annotations
@@ -66,9 +69,14 @@ def main() -> int:
                                 rng.uniform(-1, 1, (1, 1)).astype(np.float32),
                                 np.array([rng.random()], np.float32), np.array([True]), [{}])
     obs = torch.zeros(1, N_FEATURES)
-    rounds: dict[int, list[float]] = {1: [], 2: []}
+    hand_train = type(agent)._train
+    settings = [(impl, threads) for impl in ("autograd", "hand") for threads in (1, 2)]
+    rounds: dict[tuple, list[float]] = {s: [] for s in settings}
     for _ in range(args.rounds):
-        for threads in rounds:
+        for impl, threads in settings:
+            # the instance attribute shadows the class's `_train` that `train` calls
+            agent._train = agent._train_autograd if impl == "autograd" else \
+                hand_train.__get__(agent)
             torch.set_num_threads(1)
             agent.update_threads = threads
             agent.train(T, 64)  # warm-up
@@ -79,14 +87,18 @@ def main() -> int:
                 ts.append(time.perf_counter() - t0)
                 with torch.no_grad():
                     agent.actor(obs)  # acting in between, on one thread
-            rounds[threads].append(statistics.median(ts) * 1000)
+            rounds[impl, threads].append(statistics.median(ts) * 1000)
     out = {"groups": T, "episodes_per_round": args.episodes, "rounds": args.rounds,
-           "torch": torch.__version__, "ms_per_episode_update": {}}
-    for threads, xs in rounds.items():
+           "torch": torch.__version__, "ms_per_episode_update": {}, "hand_over_autograd": {}}
+    for (impl, threads), xs in rounds.items():
         q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-        out["ms_per_episode_update"][f"{threads}_thread{'s' if threads > 1 else ''}"] = {
+        name = f"{impl}_{threads}_thread{'s' if threads > 1 else ''}"
+        out["ms_per_episode_update"][name] = {
             "median": round(statistics.median(xs), 2), "iqr": round(q[2] - q[0], 2),
             "rounds": [round(x, 2) for x in xs]}
+        if impl == "hand":
+            out["hand_over_autograd"][f"{threads}_thread{'s' if threads > 1 else ''}"] = round(
+                statistics.median(h / a for h, a in zip(xs, rounds["autograd", threads])), 3)
     print(json.dumps(out, indent=2))
     return 0
 

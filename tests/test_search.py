@@ -362,6 +362,54 @@ def test_amc_actor_penalty_keeps_it_off_the_tanh_wall(setup):
     assert 1 - np.tanh(held) ** 2 > 20 * (1 - np.tanh(free) ** 2)
 
 
+def test_amc_hand_written_update_matches_autograd(setup):
+    """The update amc runs (gradients written out, fused Adam called directly) moves both
+    networks and both optimisers' state exactly as the same losses through autograd and
+    `Optimizer.step` do, the actor's penalty included."""
+    from stable_baselines3.common.logger import Logger
+
+    from autoprune.search.amc import ACTOR_BOUND
+
+    _, space, pred, budget, ev = setup
+    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0)
+    rng = np.random.default_rng(0)
+    rows = [(rng.uniform(0, 1, (1, 10)).astype(np.float32),
+             rng.uniform(-1, 1, (1, 1)).astype(np.float32),
+             rng.normal(0, 0.1, 1).astype(np.float32)) for _ in range(300)]
+    agents = []
+    for _ in range(2):
+        agent = searcher.make_agent(searcher.make_env(lambda p, ep: ev.evaluate(p)))
+        agent.set_logger(Logger(folder=None, output_formats=[]))
+        for obs, act, reward in rows:
+            agent.replay_buffer.add(obs, obs, act, reward, np.array([True]), [{}])
+        with torch.no_grad():  # so that some pre-tanh activations are past the bound
+            agent.actor.mu[-2].weight.mul_(40.0)
+        agents.append(agent)
+    hand, reference = agents
+    obs = torch.as_tensor(np.concatenate([r[0] for r in rows]))
+    with torch.no_grad():
+        pre = hand.actor.mu[:-1](obs)
+    assert (pre.abs() > ACTOR_BOUND).any() and (pre.abs() < ACTOR_BOUND).any()
+    before = {net: {k: v.clone() for k, v in getattr(hand, net).state_dict().items()}
+              for net in ("actor", "critic")}
+    for episode in range(4):  # the first creates the optimisers' state through `step`
+        np.random.seed(episode)  # the replay buffer samples from numpy's global generator
+        hand._train(len(space), 64)
+        np.random.seed(episode)
+        reference._train_autograd(len(space), 64)
+    assert hand._n_updates == reference._n_updates == 4 * len(space)
+    for net in ("actor", "critic"):
+        a, b = getattr(hand, net), getattr(reference, net)
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), (net, name)
+            assert not torch.equal(p, before[net][name]), (net, name)  # it did train
+        for p, q in zip(a.parameters(), b.parameters()):
+            sa, sb = a.optimizer.state[p], b.optimizer.state[q]
+            assert float(sa["step"]) == float(sb["step"]) == 4 * len(space)
+            assert torch.allclose(sa["exp_avg"], sb["exp_avg"], rtol=1e-4, atol=1e-7)
+            assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
 def test_single_objective_samplers(setup, tmp_path, sampler):
     _, space, pred, budget, ev = setup

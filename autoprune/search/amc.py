@@ -195,6 +195,73 @@ class PruningEnv(gym.Env):
         return obs, float(reward), done, False, info
 
 
+class _HandGrad:
+    """A stable-baselines3 MLP (Linear layers with ReLU between, maybe a final Tanh, left to the
+    caller) with its backward pass written out: gradients go into fixed buffers, which are also
+    the parameters' ``.grad``. On these small nets (300x300, batch 64) autograd's bookkeeping
+    and the optimiser's per-call work were a third of the update's time."""
+
+    def __init__(self, seq) -> None:
+        import torch
+
+        self.linears = [m for m in seq if isinstance(m, torch.nn.Linear)]
+        self.params = [p for lin in self.linears for p in (lin.weight, lin.bias)]
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
+
+    def forward(self, x) -> tuple[list, list]:
+        """Each layer's input and output before its activation; the last is the net's output
+        before any final Tanh."""
+        import torch
+
+        ins, pres = [], []
+        last = len(self.linears) - 1
+        for i, lin in enumerate(self.linears):
+            ins.append(x)
+            z = torch.addmm(lin.bias, x, lin.weight.t())
+            pres.append(z)
+            x = torch.relu(z) if i < last else z
+        return ins, pres
+
+    def backward(self, ins, pres, d_out, weight_grads: bool = True, input_grad: bool = False):
+        """Back from ``d_out`` (the gradient at the last output): fills ``grads`` when
+        ``weight_grads``, and returns the gradient at the input when ``input_grad``."""
+        import torch
+
+        g = d_out
+        for i in range(len(self.linears) - 1, -1, -1):
+            if weight_grads:
+                torch.mm(g.t(), ins[i], out=self.grads[2 * i])
+                torch.sum(g, 0, out=self.grads[2 * i + 1])
+            if i == 0:
+                return torch.mm(g, self.linears[0].weight) if input_grad else None
+            g = torch.mm(g, self.linears[i].weight)
+            g = torch.ops.aten.threshold_backward(g, pres[i - 1], 0)  # through the ReLU
+        return None
+
+
+def _adam_step(opt, net: _HandGrad) -> None:
+    """``opt.step()`` for the grads in ``net``'s buffers, calling fused Adam directly once the
+    optimiser's state exists (its first step creates it), on that same state, so saving and
+    loading the optimiser is unchanged."""
+    from torch.optim.adam import adam
+
+    group = opt.param_groups[0]
+    states = [opt.state.get(p) for p in net.params]
+    if not all(states) or len(opt.param_groups) != 1 or group["amsgrad"] or \
+            group["weight_decay"] or not group["fused"]:
+        for p, g in zip(net.params, net.grads):
+            p.grad = g  # (autograd's zero_grad may have dropped them)
+        opt.step()
+        return
+    beta1, beta2 = group["betas"]
+    adam(net.params, net.grads, [s["exp_avg"] for s in states],
+         [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True,
+         amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=0.0,
+         eps=group["eps"], maximize=group["maximize"])
+
+
 @functools.cache
 def make_agent_class():
     """The DDPG subclass, built on first use so stable-baselines3 is imported lazily."""
@@ -303,12 +370,13 @@ def make_agent_class():
             """SB3's DDPG update without its target networks: every stored transition is
             terminal, so the critic's target is the reward itself and the target networks
             (and their Polyak updates, about a quarter of an update's time) never enter a loss.
-            The actor's step computes no gradients for the critic, and both optimisers are
-            fused Adam: the update is most of amc's own time (see bench/search_quality.py's
-            overhead), and both cut the per-call overhead that dominates these small nets.
+            The update is most of amc's own time (see bench/search_quality.py's overhead), so
+            its gradients are written out by hand (`_HandGrad`, checked against autograd's in
+            the tests) and both optimisers are fused Adam called without the optimiser's
+            per-call bookkeeping: 0.68x the time of the autograd update with fused Adam
+            (``bench/amc_update.py``, in bench/README.md).
             It runs on ``update_threads`` (the evaluations' threads, which are idle meanwhile),
-            the rest of the agent on one: 12 updates took 29 ms on 2 threads against 36 ms on
-            one (``bench/amc_update.py``, in bench/README.md)."""
+            the rest of the agent on one."""
             threads = torch.get_num_threads()
             torch.set_num_threads(self.update_threads)
             try:
@@ -317,7 +385,54 @@ def make_agent_class():
                 torch.set_num_threads(threads)
             self.on_checkpoint()  # after the update that follows every episode
 
+        def _hand_grads(self) -> tuple:
+            nets = getattr(self, "_hand", None)
+            if nets is None or nets[0].linears[0] is not self.actor.mu[0] \
+                    or nets[1].linears[0] is not self.critic.q_networks[0][0]:
+                if len(self.critic.q_networks) != 1:
+                    raise RuntimeError("amc's update expects DDPG's single critic")
+                nets = self._hand = (_HandGrad(self.actor.mu),
+                                     _HandGrad(self.critic.q_networks[0]))
+            return nets
+
         def _train(self, gradient_steps: int, batch_size: int) -> None:
+            """One gradient step per stored transition (AMC). The critic regresses the reward
+            (mean square error); then the actor ascends the updated critic's value of its own
+            action, plus ``actor_reg`` times the mean square of its pre-tanh activation beyond
+            +-ACTOR_BOUND. Same losses, order and result as `_train_autograd`."""
+            self.policy.set_training_mode(True)
+            self._update_learning_rate([self.actor.optimizer, self.critic.optimizer])
+            actor, critic = self._hand_grads()
+            n_obs = self.actor.mu[0].in_features
+            reg = getattr(self, "actor_reg", 0.0)  # agents saved before it had none
+            with torch.no_grad():
+                for _ in range(gradient_steps):
+                    self._n_updates += 1
+                    data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
+                    obs = data.observations
+                    n = obs.shape[0]
+                    ins, pres = critic.forward(torch.cat([obs, data.actions], 1))
+                    # d/dq of mean((q - r)^2)
+                    critic.backward(ins, pres, (pres[-1] - data.rewards).mul_(2.0 / n))
+                    _adam_step(self.critic.optimizer, critic)
+                    a_ins, a_pres = actor.forward(obs)
+                    pre = a_pres[-1]  # before the final tanh
+                    act = torch.tanh(pre)
+                    ins, pres = critic.forward(torch.cat([obs, act], 1))
+                    # d/dq of -mean(q), back to the critic's action input only
+                    d_in = critic.backward(ins, pres, torch.full_like(pres[-1], -1.0 / n),
+                                           weight_grads=False, input_grad=True)
+                    d_pre = d_in[:, n_obs:] * (1.0 - act * act)
+                    if reg:  # keeps the tanh out of saturation (see the module's docstring)
+                        over = (pre.abs() - ACTOR_BOUND).clamp_(min=0.0)
+                        d_pre += (2.0 * reg / pre.numel()) * over * torch.sign(pre)
+                    actor.backward(a_ins, a_pres, d_pre)
+                    _adam_step(self.actor.optimizer, actor)
+            self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+        def _train_autograd(self, gradient_steps: int, batch_size: int) -> None:
+            """The same update through autograd and the optimisers' `step`: the reference that
+            `_train` is checked against (tests) and timed against (bench/amc_update.py)."""
             import torch.nn.functional as F
 
             self.policy.set_training_mode(True)
@@ -335,8 +450,8 @@ def make_agent_class():
                 pre = self.actor.mu[:-1](features)  # before the final tanh
                 actor_loss = -self.critic.q1_forward(data.observations,
                                                      torch.tanh(pre)).mean()
-                reg = getattr(self, "actor_reg", 0.0)  # agents saved before it had none
-                if reg:  # keeps the tanh out of saturation (see the module's docstring)
+                reg = getattr(self, "actor_reg", 0.0)
+                if reg:
                     over = (pre.abs() - ACTOR_BOUND).clamp(min=0.0)
                     actor_loss = actor_loss + reg * over.pow(2).mean()
                 self.actor.optimizer.zero_grad()
@@ -349,7 +464,7 @@ def make_agent_class():
             # hooks are closures over the running study; RNG and counters go in state.json
             # and the threads are the resuming caller's choice
             return [*super()._excluded_save_params(), "on_episode", "on_checkpoint",
-                    "should_stop", "rng", "_episode", "update_threads"]
+                    "should_stop", "rng", "_episode", "update_threads", "_hand"]
 
         def amc_state(self) -> dict:
             return {"sigma_scaled": self.sigma_scaled, "baseline": self.baseline,
