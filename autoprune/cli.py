@@ -681,7 +681,7 @@ def _verify(study, args, device, model, space, reference) -> str:
         for cand in reference.values():  # for the summary table
             study.measurement(cand.policy, measure)
         pbar.finish()  # its total was the most the check could take
-    _warn_if_table_drifted(study, reference["unpruned"], device)
+    _warn_if_table_drifted(study, reference["unpruned"], device, args)
     what = (f"{budget['fraction']:g} of the unpruned model, measured beside each policy, at "
             "its quietest"
             if "fraction" in budget else f"{budget['ms']:g} ms")
@@ -694,9 +694,8 @@ def _verify(study, args, device, model, space, reference) -> str:
         log.warning("none of the %d candidates measured (the most accurate, then those the "
                     "measurements say should fit) is within the %s on %s (the closest: %.3f x "
                     "budget); the best stays the predicted one. The latency table may not match "
-                    "this machine any more: rebuild its calibration with `autoprune profile "
-                    "--target-device %s --recalibrate`", len(over), limit, device.name,
-                    min(over), device.name)
+                    "this machine any more: rebuild its calibration with `%s`", len(over),
+                    limit, device.name, min(over), _profile_command(args, "--recalibrate"))
         return f"measured on {device.name}: no candidate within the {limit} (see the warning)"
     got = study.measurement(found.policy)
     skipped = len(ahead) - len(over)
@@ -712,7 +711,7 @@ def _verify(study, args, device, model, space, reference) -> str:
 TABLE_DRIFT = 0.2  # unpruned predicted vs measured, beyond which the table is suspect
 
 
-def _warn_if_table_drifted(study, unpruned, device) -> None:
+def _warn_if_table_drifted(study, unpruned, device, args) -> None:
     """Warn where the unpruned model, measured by the check at its quietest, is far from what
     the table predicts: the table then describes another machine (a table measured on one
     "AMD EPYC" predicted ResNet-56 at 1.73 ms on another that ran it in 1.09, and every
@@ -727,9 +726,21 @@ def _warn_if_table_drifted(study, unpruned, device) -> None:
         log.warning("the latency table predicts the unpruned model at %.4f ms, and %s measures "
                     "it at %.4f ms (%+.0f%%): the table was measured on another machine or "
                     "under another load, and its predictions are off here; rebuild it with "
-                    "`autoprune profile --target-device %s --rebuild` (and this search's "
-                    "--model/--weights)", unpruned.latency_ms, device.name, measured,
-                    100 * off, device.name)
+                    "`%s`", unpruned.latency_ms, device.name, measured, 100 * off,
+                    _profile_command(args, "--rebuild"))
+
+
+def _profile_command(args, flag: str) -> str:
+    """The `autoprune profile` command for the table this command used: its own device, table,
+    model and space options, then ``flag``."""
+    import shlex
+
+    words = ["autoprune", "profile", "--target-device", args.target_device]
+    for opt in ("devices", "tables", "model", "weights", "data", "space", "round_to"):
+        value = getattr(args, opt, None)
+        if value is not None:
+            words += ["--" + opt.replace("_", "-"), str(value)]
+    return shlex.join([*words, flag])
 
 
 def cmd_report(args) -> int:

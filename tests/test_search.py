@@ -400,10 +400,10 @@ def test_amc_hand_written_update_matches_autograd(setup):
     assert hand._n_updates == reference._n_updates == 4 * len(space)
     for net in ("actor", "critic"):
         a, b = getattr(hand, net), getattr(reference, net)
-        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
             assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), (net, name)
             assert not torch.equal(p, before[net][name]), (net, name)  # it did train
-        for p, q in zip(a.parameters(), b.parameters()):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
             sa, sb = a.optimizer.state[p], b.optimizer.state[q]
             assert float(sa["step"]) == float(sb["step"]) == 4 * len(space)
             assert torch.allclose(sa["exp_avg"], sb["exp_avg"], rtol=1e-4, atol=1e-7)
@@ -596,11 +596,16 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
     best = json.loads((runs / "u" / "best_policy.json").read_text())
     assert best["measured_over_budget"] > 1.05
     assert "none of the 1 candidates measured" in " ".join(proc.stderr.split())
-    assert "--recalibrate" in proc.stderr and "no candidate within" in proc.stdout
-    # and the unpruned model, measured at about twice its prediction, says the table is stale
+    assert "no candidate within" in proc.stdout
+    # and the unpruned model, measured at about twice its prediction, says the table is stale;
+    # both hints name the table this search used (its --tables and --weights)
     said = " ".join(proc.stderr.split())
     assert "the latency table predicts the unpruned model at" in said
-    assert "--target-device cpu-ort --rebuild" in said
+    for flag in ("--recalibrate", "--rebuild"):
+        hint = re.search(rf"`(autoprune profile [^`]*{flag})`", said)
+        assert hint, flag
+        assert hint[1].startswith(f"autoprune profile --target-device cpu-ort --tables {stale} "
+                                  f"--weights {ckpt} "), hint[1]
 
     proc = run_cli(*args, "--searcher", "random", "--trials", "12", "--study", "r",
                    "--verify-top", "12", check=True)

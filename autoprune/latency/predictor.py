@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..policy import Policy
 from ..space import SearchSpace
 from .ops import LayerOp, OpSig
-from .table import Calibration, LatencyTable
+from .table import Calibration, LatencyTable, profile_command
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,11 @@ class LatencyPredictor:
         fam = self._families.get(sig.family)
         value = fam.value(sig.cin, sig.cout) if fam is not None else float("nan")
         if not np.isfinite(value):
+            command = profile_command(self.table.device, self.model_key.split("@")[0],
+                                      self.table.path)
             raise MissingEntry(
                 f"latency table {str(self.table.path)!r} has no entry for op {sig.key} (nor "
-                f"grid points around it); run `autoprune profile --target-device "
-                f"{self.table.device} --model {self.model_key.split('@')[0]}`")
+                f"grid points around it); run `{command}`")
         self._raw_cache[sig.key] = value
         return value
 

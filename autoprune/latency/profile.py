@@ -28,7 +28,7 @@ from .devices import TargetDevice
 from .ops import LayerOp, grid_signatures, model_ops
 from .predictor import LatencyPredictor
 from .stats import LatencyStat
-from .table import Calibration, LatencyTable, table_path
+from .table import Calibration, LatencyTable, profile_command, table_path
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def load_setup(model: nn.Module, space: SearchSpace, device: TargetDevice, *, ke
 
     path = path or table_path(device.name, model_name)
     if not path.is_file():
-        raise UserError(f"no latency table {str(path)!r}; build it with `autoprune profile "
-                        f"--target-device {device.name} --model {model_name}`")
+        raise UserError(f"no latency table {str(path)!r}; build it with "
+                        f"`{profile_command(device.name, model_name, path)}`")
     versions = BACKENDS[device.runtime]().static_versions(device)
     table = open_table(device, key, versions, path=path, model=model_name)
     ops = model_ops(model, torch.zeros(space.input_shape), space)

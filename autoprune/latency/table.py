@@ -90,8 +90,7 @@ class LatencyTable:
         why = self.mismatch(device, versions)
         if why:
             raise UserError(f"latency table {str(self.path)!r} does not fit: {why}; rebuild it "
-                            f"with `autoprune profile --target-device {device.name} --model "
-                            f"{model} --rebuild`")
+                            f"with `{profile_command(device.name, model, self.path)} --rebuild`")
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +145,21 @@ def _cpu_for(device: TargetDevice) -> str:
     if device.remote is not None:
         return json.dumps(device.target, sort_keys=True)
     return cpu_model()
+
+
+def profile_command(device: str, model: str, path: Path | None) -> str:
+    """``autoprune profile`` for the table at ``path``: with ``--tables`` or ``--table`` where
+    that is not the default place, so the command a message suggests builds that table."""
+    import shlex
+
+    words = ["autoprune", "profile", "--target-device", device, "--model", model]
+    if path is not None and Path(path) != table_path(device, model):
+        path = Path(path)
+        if path == table_path(device, model, path.parent.parent):
+            words += ["--tables", str(path.parent.parent)]
+        else:
+            words += ["--table", str(path)]
+    return shlex.join(words)
 
 
 def table_path(device: str, model_key: str, root: Path | None = None) -> Path:
