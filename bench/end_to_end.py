@@ -63,13 +63,14 @@ def run_searched(method, weights, budget, seed, a) -> dict:
         return {"method": method, "error": (s.stderr.strip().splitlines() or ["?"])[-1]}
     search_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    f = cli("finetune", "--study", study, "--runs", a.runs, "--epochs", a.epochs, "--distill",
-            "--lr", a.lr, "--quiet", "--json")
+    # --weights also for these: a runs folder copied from elsewhere still finds its base
+    f = cli("finetune", "--study", study, "--runs", a.runs, "--weights", weights, "--epochs",
+            a.epochs, "--distill", "--lr", a.lr, "--quiet", "--json")
     if f.returncode != 0:
         return {"method": method, "study": study, "error": f.stderr.strip()}
     finetune_s = time.perf_counter() - t0
-    e = cli("export", "--study", study, "--runs", a.runs, "--format", "onnx", "--json",
-            "--rounds", a.rounds)
+    e = cli("export", "--study", study, "--runs", a.runs, "--weights", weights, "--format",
+            "onnx", "--json", "--rounds", a.rounds)
     if e.returncode != 0:
         return {"method": method, "study": study, "error": e.stderr.strip()}
     r = json.loads(e.stdout)

@@ -75,8 +75,16 @@ def main() -> int:
     ap.add_argument("--amc-actor-reg", type=float,
                     help="amc's penalty on the actor's pre-tanh activation (default: the "
                     "searcher's)")
+    ap.add_argument("--amc-update", choices=["hand", "autograd"], default="hand",
+                    help="amc's DDPG update: the hand-written one it runs, or the same update "
+                    "through autograd (its reference, to time the difference in a search)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.amc_update == "autograd":
+        from autoprune.search.amc import make_agent_class
+
+        cls = make_agent_class()
+        cls._train = cls._train_autograd
 
     ckpt = read_checkpoint(args.weights)
     spec = ModelSpec.from_dict(ckpt["model"])
@@ -90,7 +98,7 @@ def main() -> int:
                                    family=spec.family,
                                    round_to=args.round_to or device.channel_multiple)
     out = {"model": spec.name, "data": ckpt["data"], "device": device.name,
-           "trials": args.trials, "runs": []}
+           "trials": args.trials, "amc_update": args.amc_update, "runs": []}
     with get_backend(device) as backend:
         setup = build_table(model, space, device, backend,
                             key=model_key(spec.name, tuple(x.shape)), model_name=spec.name,
