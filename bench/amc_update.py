@@ -97,8 +97,9 @@ def main() -> int:
             "median": round(statistics.median(xs), 2), "iqr": round(q[2] - q[0], 2),
             "rounds": [round(x, 2) for x in xs]}
         if impl == "hand":
-            out["hand_over_autograd"][f"{threads}_thread{'s' if threads > 1 else ''}"] = round(
-                statistics.median(h / a for h, a in zip(xs, rounds["autograd", threads])), 3)
+            ratios = [h / a for h, a in zip(xs, rounds["autograd", threads], strict=True)]
+            out["hand_over_autograd"][name.removeprefix("hand_")] = round(
+                statistics.median(ratios), 3)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -251,7 +251,7 @@ def _adam_step(opt, net: _HandGrad) -> None:
     states = [opt.state.get(p) for p in net.params]
     if not all(states) or len(opt.param_groups) != 1 or group["amsgrad"] or \
             group["weight_decay"] or not group["fused"]:
-        for p, g in zip(net.params, net.grads):
+        for p, g in zip(net.params, net.grads, strict=True):
             p.grad = g  # (autograd's zero_grad may have dropped them)
         opt.step()
         return
