@@ -373,8 +373,8 @@ def make_agent_class():
             The update is most of amc's own time (see bench/search_quality.py's overhead), so
             its gradients are written out by hand (`_HandGrad`, checked against autograd's in
             the tests) and both optimisers are fused Adam called without the optimiser's
-            per-call bookkeeping: 0.68x the time of the autograd update with fused Adam
-            (``bench/amc_update.py``, in bench/README.md).
+            per-call bookkeeping: 0.65x the time of the autograd update with fused Adam on 2
+            threads, 0.72x on one (``bench/amc_update.py``, in bench/README.md).
             It runs on ``update_threads`` (the evaluations' threads, which are idle meanwhile),
             the rest of the agent on one."""
             threads = torch.get_num_threads()
