@@ -153,8 +153,8 @@ def profile_command(device: str, model: str, path: Path | None) -> str:
     import shlex
 
     words = ["autoprune", "profile", "--target-device", device, "--model", model]
-    if path is not None and Path(path) != table_path(device, model):
-        path = Path(path)
+    path = Path(path) if path is not None else None
+    if path is not None and path != table_path(device, model):
         if path == table_path(device, model, path.parent.parent):
             words += ["--tables", str(path.parent.parent)]
         else:
