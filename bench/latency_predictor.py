@@ -5,6 +5,7 @@ onnxruntime, untuned TVM and tuned TVM side by side. Prints one JSON document.
 
     python bench/latency_predictor.py                       # the full benchmark
     python bench/latency_predictor.py --models resnet20 --devices cpu-ort --n 20
+    python bench/latency_predictor.py --tables runs/tables  # another CPU: its own tables there
 
 Targets (issue 3): on cpu-ort >= 95% of 50 policies within +-10% and Kendall tau >= 0.9,
 beating the MACs proxy on every model; on cpu-tvm >= 90% within +-10%.
@@ -55,11 +56,15 @@ def main() -> int:
     ap.add_argument("--compare-runtimes", default="cpu-ort,cpu-tvm-untuned,cpu-tvm",
                     help="devices on which each unpruned model is measured side by side")
     ap.add_argument("--out", default="runs/bench-latency", help="folder for JSON and PNGs")
+    ap.add_argument("--tables", help="latency tables folder (default latency_tables/); on a CPU "
+                    "the shipped tables were not measured on, name another folder, where this "
+                    "CPU's tables are built, so the shipped ones stay as they are")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_dataset(args.data)
     out_dir = Path(args.out)
+    tables = Path(args.tables) if args.tables else None
     result = {"cpu": cpu_model(), "versions": runtime_versions(), "data": args.data,
               "n": args.n, "models": {}}
     for name in args.models.split(","):
@@ -82,7 +87,7 @@ def main() -> int:
             t0 = time.perf_counter()
             with get_backend(device) as backend:
                 setup = build_table(model, space, device, backend, key=key, model_name=name,
-                                    path=table_path(device.name, name),
+                                    path=table_path(device.name, name, tables),
                                     progress=args.progress)
                 profile_s = time.perf_counter() - t0
                 pred = setup.predictor()
