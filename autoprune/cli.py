@@ -574,7 +574,8 @@ def cmd_search(args) -> int:
             options["actor_reg"] = args.amc_actor_reg
     searcher = SEARCHERS[args.searcher]()(space, predictor, budget_ms, seed=args.seed,
                                          **options)
-    n_trials = 1 if args.searcher == "uniform" else (args.trials or 100)
+    # uniform: its best and the fallbacks the measured check may need (not --trials)
+    n_trials = 1 + searcher.fallbacks if args.searcher == "uniform" else (args.trials or 100)
     budget = {"fraction": args.latency_budget} if args.latency_budget is not None else \
         {"ms": args.latency_budget_ms}
     versions = {"autoprune": __version__}
@@ -1238,8 +1239,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latency-budget-ms", type=float, metavar="MS", help="budget in ms")
     p.add_argument("--searcher", choices=("amc", "evolution", "uniform", "random"),
                    default="evolution")
-    p.add_argument("--trials", type=int, help="candidates (amc: episodes) in total "
-                   "(default 100)")
+    p.add_argument("--trials", type=int, help="candidates in total (default 100; amc: distinct "
+                   "candidates; uniform: always 3, its best and two cheaper fallbacks)")
     p.add_argument("--study", help="study name (folder under --runs); re-run to resume")
     p.add_argument("--runs", default="runs", help="folder of study folders")
     p.add_argument("--storage", help="Optuna RDB URL shared by several workers "

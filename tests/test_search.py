@@ -184,7 +184,7 @@ def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
     assert by_projecting < by_clipping, (by_projecting, by_clipping)
 
 
-@pytest.mark.parametrize("name,n", [("uniform", 1), ("random", 6), ("evolution", 8),
+@pytest.mark.parametrize("name,n", [("uniform", 3), ("random", 6), ("evolution", 8),
                                     ("amc", 6)])
 def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, monkeypatch, name, n):
     _, space, pred, budget, ev = setup
@@ -232,6 +232,26 @@ def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, monkeypatch, nam
         state = json.loads((ckpt / "state.json").read_text())
         assert state["candidates_new"] == n <= state["episodes_done"]
     assert list(scratch.iterdir()) == []  # e.g. SB3's default logger made an SB3-<date> folder
+
+
+def test_uniform_ladder_falls_back_to_cheaper_uniform_policies(setup):
+    """uniform's best, then cheaper uniform policies, each predicted at most 0.95 x the one
+    before: what the measured check falls back on when the best measures over budget."""
+    from autoprune.search.baselines import best_uniform, uniform_ladder
+
+    _, space, pred, budget, _ = setup
+    ladder = uniform_ladder(space, pred, budget, 4)
+    assert ladder[0] == best_uniform(space, pred, budget) and len(ladder) == 4
+    lat = [pred.predict(p) for p in ladder]
+    assert lat[0] <= budget
+    assert all(b <= 0.95 * a for a, b in zip(lat[:-1], lat[1:], strict=True))
+    for p in ladder:  # each the largest uniform policy at its own latency
+        assert best_uniform(space, pred, pred.predict(p)) == p
+    assert uniform_ladder(space, pred, budget, 1) == ladder[:1]
+    # near the floor it stops where no uniform policy is 5% cheaper, instead of repeating one
+    floor = pred.predict(space.uniform(0.0))
+    short = uniform_ladder(space, pred, floor / 0.97, 5)
+    assert len(short) < 5 and 0.95 * pred.predict(short[-1]) < floor
 
 
 def test_evolution_with_a_seed_is_reproducible(setup, tmp_path):
@@ -590,12 +610,16 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
             "--latency-budget-ms", f"{budget_ms:.6f}", "--runs", runs, "--val-images", "200",
             "--quiet"]
 
-    # uniform: its one candidate is the unpruned model (predicted feasible), which measures
-    # over budget: nothing fits, so the predicted best stands and the user is warned
-    proc = run_cli(*args, "--searcher", "uniform", "--study", "u", check=True)
+    # uniform: its best is the unpruned model (predicted feasible), its two fallbacks 5% and
+    # 10% cheaper by prediction; at a budget of 1/1.5 of the unpruned model as measured, all
+    # three measure over it: nothing fits, so the predicted best stands and the user is warned
+    i = args.index("--latency-budget-ms")
+    uniform_args = [*args[:i + 1], f"{full / 1.5:.6f}", *args[i + 2:]]
+    proc = run_cli(*uniform_args, "--searcher", "uniform", "--study", "u", check=True)
+    assert len(_lines(runs / "u" / "candidates.jsonl")) == 3
     best = json.loads((runs / "u" / "best_policy.json").read_text())
     assert best["measured_over_budget"] > 1.05
-    assert "none of the 1 candidates measured" in " ".join(proc.stderr.split())
+    assert "none of the 3 candidates measured" in " ".join(proc.stderr.split())
     assert "no candidate within" in proc.stdout
     # and the unpruned model, measured at about twice its prediction, says the table is stale;
     # both hints name the table this search used (its --tables and --weights)
