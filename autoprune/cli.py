@@ -383,7 +383,7 @@ def cmd_profile(args) -> int:
 
     if args.validate is not None and args.validate < 3:
         raise UserError(f"`--validate` needs at least 3 policies, got {args.validate}")
-    if args.calibrate < 2:
+    if args.calibrate is not None and args.calibrate < 2:
         raise UserError(f"`--calibrate` needs at least 2 random policies, got {args.calibrate}")
     if args.validate_rounds < 1:
         raise UserError(f"`--validate-rounds` needs at least 1 pass, got {args.validate_rounds}")
@@ -1213,8 +1213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", action="store_true",
                    help="fit the calibration again on new whole-model runs, keeping the op "
                         "entries")
-    p.add_argument("--calibrate", type=int, default=16,
-                   help="random policies measured whole to calibrate (plus full and smallest)")
+    p.add_argument("--calibrate", type=int,
+                   help="random policies measured whole to calibrate (plus full and smallest; "
+                   "default 16, or 32 for a model with depthwise convs, whose own scale needs "
+                   "more)")
     p.add_argument("--validate", type=int, metavar="N",
                    help="measure N random policies whole and report the predictor's error")
     p.add_argument("--validate-rounds", type=int, default=3, metavar="R",

@@ -319,6 +319,22 @@ def test_table_without_the_cpu_generation_is_refused(tiny_file, table_copy):
         assert "does not say which generation" in line
 
 
+def test_calibration_measures_more_runs_where_a_kind_has_its_own_scale():
+    """MobileNetV2's depthwise convs may get a scale of their own, which 16 random runs left
+    undetermined on a noisy machine: a model with them is calibrated on 32 by default."""
+    from autoprune.latency.profile import CALIBRATE_N, CALIBRATE_N_KINDS, calibration_count
+
+    counts = {}
+    for name in ("resnet20", "mobilenetv2"):
+        spec = ModelSpec(name, num_classes=10, in_channels=1, input_size=28)
+        model = build_model(spec).eval()
+        x = torch.zeros(1, 1, 28, 28)
+        space = SearchSpace.from_model(model, x, SpaceSpec.for_family(spec.family), round_to=8)
+        counts[name] = calibration_count(model_ops(model, x, space))
+    assert counts == {"resnet20": CALIBRATE_N, "mobilenetv2": CALIBRATE_N_KINDS}
+    assert CALIBRATE_N_KINDS > CALIBRATE_N
+
+
 def test_corrupt_table(tiny_file, table_copy):
     table_copy.write_text(table_copy.read_text()[:200])
     assert_user_error(_predict(tiny_file, table_copy), "is corrupt", str(table_copy))

@@ -120,7 +120,7 @@ def load_setup(model: nn.Module, space: SearchSpace, device: TargetDevice, *, ke
 
 def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, backend: Backend, *,
                 key: str, model_name: str, path: Path | None = None, rebuild: bool = False,
-                calibrate_n: int = 16, recalibrate: bool = False, seed: int = 0,
+                calibrate_n: int | None = None, recalibrate: bool = False, seed: int = 0,
                 progress: bool = False) -> LatencySetup:
     """Measure every grid signature the table lacks, then fit the calibration (again, with
     ``recalibrate``, when the table has one)."""
@@ -162,6 +162,17 @@ SCALE_RANGE = (0.5, 2.0)  # plausible measured / sum-of-ops ratios; see calibrat
 # ones are refused.
 KIND_SCALE_RANGE = (0.0, 2.0)
 SEPARATE_KINDS = ("depthwise",)  # op kinds that may get a scale of their own
+# Random policies measured whole to calibrate, by default: one scale and an offset need few;
+# a kind's own scale needs more. On the CPU of 2026-11-22 MobileNetV2's fit on 16 (+2) runs
+# twice refused its depthwise scale (one scale, 4.2% and 4.7% mean error; 84% of 50 held-out
+# policies within +-10%); on 32 (+2) it kept it (2.3%; 100% within +-10%, Kendall tau 0.856
+# against 0.814 for one scale on the same runs).
+CALIBRATE_N, CALIBRATE_N_KINDS = 16, 32
+
+
+def calibration_count(ops) -> int:
+    """How many random policies `calibrate` measures by default for a model's ``ops``."""
+    return CALIBRATE_N_KINDS if any(op.kind in SEPARATE_KINDS for op in ops) else CALIBRATE_N
 
 
 def fit_calibration(sums, measured, *, key: str = "") -> tuple[float, float]:
@@ -212,14 +223,16 @@ def fit_kind_calibration(rest, kinds: dict[str, Any], measured, *,
     return float(coef[0]), float(coef[-1]), dict(zip(cols, map(float, coef[1:-1]), strict=True))
 
 
-def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 16,
-              seed: int = 0, rounds: int = 3, progress: bool = False) -> Calibration:
+def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *,
+              n: int | None = None, seed: int = 0, rounds: int = 3,
+              progress: bool = False) -> Calibration:
     """Fit measured = scale * sum(op ms) + offset on the full, smallest and ``n`` random
-    policies, weighting by 1/measured so the fit minimises relative error; depthwise convs may
-    get a scale of their own (`fit_kind_calibration`). Each policy is measured in ``rounds``
-    passes (alternating direction, as in `validate`) and its latency is the median: a single
-    whole-model measurement here is now and then 35% slow (seen on MobileNetV2 policies whose
-    repeat measured 0.72 ms against 0.99 ms), and one such point tilted a fit to 6.9% error.
+    policies (default `calibration_count`), weighting by 1/measured so the fit minimises
+    relative error; depthwise convs may get a scale of their own (`fit_kind_calibration`).
+    Each policy is measured in ``rounds`` passes (alternating direction, as in `validate`) and
+    its latency is the median: a single whole-model measurement here is now and then 35% slow
+    (seen on MobileNetV2 policies whose repeat measured 0.72 ms against 0.99 ms), and one such
+    point tilted a fit to 6.9% error.
 
     (An extra term for activation sizes, correcting the layout reorders an op timed alone pays,
     was tried: it improved held-out ranking on ResNets, but any negative weight on it made some
@@ -228,6 +241,7 @@ def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int
     space, table = setup.space, setup.table
     raw = setup.predictor(calibrated=False)
     kinds = [op.kind if op.kind in SEPARATE_KINDS else "" for op in raw.ops]
+    n = calibration_count(raw.ops) if n is None else n
     policies = [space.full(), space.smallest(), *random_policies(space, n, seed=seed + 7919)]
     parts: dict[str, list[float]] = {k: [] for k in dict.fromkeys(kinds)}
     for p in policies:
