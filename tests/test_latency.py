@@ -282,8 +282,9 @@ def test_table_for_another_device_version_or_cpu(tiny_file, table_copy, field, v
 
 
 # /proc/cpuinfo's first block (trimmed) of a machine here that calls itself "AMD EPYC"
-# (family 26), and the same with another family: the shipped tables were measured on an
-# "AMD EPYC" on which ResNet-56 ran in 1.73 ms on cpu-ort, against 1.09 ms on this one.
+# (family 26), and the same with another family: the tables shipped until 2026-11-22 were
+# measured on an "AMD EPYC" on which ResNet-56 ran in 1.73 ms on cpu-ort, against 1.09 ms on
+# this one.
 EPYC_OLD = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n" \
     "model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 99\n"
 EPYC_NEW = EPYC_OLD.replace("cpu family\t: 25\nmodel\t\t: 1", "cpu family\t: 26\nmodel\t\t: 2")
