@@ -74,11 +74,20 @@ def resolve_budget(predictor, *, fraction: float | None = None,
         budget = ms
     smallest = predictor.min_latency()
     if budget < smallest:
+        # A group's minimum is min_keep of its width rounded up to the grid, and at least one
+        # grid step: where it is exactly one step the grid, not min_keep, may be what holds it
+        # (ResNet-20's 16-channel groups keep 8 on the 8-channel grid whatever min_keep says).
+        held = [g for g in predictor.space.groups
+                if 1 < g.round_to == g.min_channels < g.channels]
+        finer = "" if not held else (
+            f", or use a finer channel grid (`--round-to {max(g.round_to for g in held) // 2}`, "
+            f"with a table profiled on it): {len(held)} of {len(predictor.space.groups)} "
+            "groups are held at one grid step")
         raise UserError(
             f"latency budget {budget:.4f} ms is below the smallest achievable "
             f"{smallest:.4f} ms ({smallest / full:.3f} of the unpruned {full:.4f} ms) on "
-            f"{predictor.table.device}; raise the budget to at least {smallest / full:.3f} "
-            "or lower the search space's min_keep")
+            f"{predictor.table.device}; raise the budget to at least {smallest / full:.3f}, "
+            f"or lower the search space's min_keep{finer}")
     return budget
 
 
