@@ -1242,7 +1242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--searcher", choices=("amc", "evolution", "uniform", "random"),
                    default="evolution")
     p.add_argument("--trials", type=int, help="candidates in total (default 100; amc: distinct "
-                   "candidates; uniform: always 3, its best and two cheaper fallbacks)")
+                   "candidates; uniform: its best and up to two cheaper fallbacks)")
     p.add_argument("--study", help="study name (folder under --runs); re-run to resume")
     p.add_argument("--runs", default="runs", help="folder of study folders")
     p.add_argument("--storage", help="Optuna RDB URL shared by several workers "

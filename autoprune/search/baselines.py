@@ -27,7 +27,7 @@ def uniform_ladder(space, predictor, budget_ms: float, n: int, *,
                    step: float = 0.95) -> list[Policy]:
     """`best_uniform`, then up to ``n - 1`` fallbacks: each the largest uniform policy predicted
     at most ``step`` x the latency of the one before (so each is a distinct, cheaper policy,
-    however coarse the grid). Stops early at the cheapest uniform policy."""
+    however coarse the grid). Stops early where no uniform policy is that much cheaper."""
     out = [best_uniform(space, predictor, budget_ms)]
     while len(out) < n:
         target = step * predictor.predict(out[-1])
@@ -39,12 +39,12 @@ def uniform_ladder(space, predictor, budget_ms: float, n: int, *,
 
 
 class UniformSearcher(Searcher):
-    """Every group keeps the same fraction, the largest that fits; plus ``fallbacks`` cheaper
-    uniform policies (`uniform_ladder`, 5% apart by prediction). The measured check that
-    ends a search takes the most accurate that fits *as measured*: with the best alone, a
-    predictor a few percent optimistic on this machine left uniform with no winner within the
-    budget x 1.05 (seen: 1.06 to 1.07 x at budget 0.3, where the searchers had others to fall
-    back on)."""
+    """Every group keeps the same fraction, the largest that fits; plus up to ``fallbacks``
+    cheaper uniform policies (`uniform_ladder`, each predicted at most 0.95 x the one before,
+    fewer where the space's floor is closer). The measured check that ends a search takes the
+    most accurate that fits *as measured*: with the best alone, a predictor a few percent
+    optimistic on this machine left uniform with no winner within the budget x 1.05 (seen:
+    1.06 to 1.07 x at budget 0.3, where the searchers had others to fall back on)."""
 
     name = "uniform"
     fallbacks = 2
