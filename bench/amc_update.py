@@ -29,7 +29,7 @@ from gymnasium import spaces
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autoprune.search.amc import N_FEATURES, make_agent_class  # noqa: E402
+from autoprune.search.amc import N_FEATURES, make_agent_class, policy_kwargs  # noqa: E402
 
 
 class _Env(gym.Env):
@@ -58,8 +58,7 @@ def main() -> int:
     agent = make_agent_class()(
         "MlpPolicy", _Env(), learning_rate=1e-4, critic_lr=1e-3, buffer_size=100 * T,
         learning_starts=0, batch_size=64, tau=0.01, gamma=1.0, train_freq=(1, "episode"),
-        gradient_steps=-1, policy_kwargs={"net_arch": {"pi": [300, 300], "qf": [300, 300]},
-                                          "optimizer_kwargs": {"fused": True}},
+        gradient_steps=-1, policy_kwargs=policy_kwargs(),
         actor_reg=1.0, seed=0, device="cpu", verbose=0)
     agent.set_logger(Logger(folder=None, output_formats=[]))
     rng = np.random.default_rng(0)

@@ -399,9 +399,9 @@ def test_amc_actor_penalty_keeps_it_off_the_tanh_wall(setup):
 
 
 def test_amc_hand_written_update_matches_autograd(setup):
-    """The update amc runs (gradients written out, fused Adam called directly) moves both
-    networks and both optimisers' state exactly as the same losses through autograd and
-    `Optimizer.step` do, the actor's penalty included."""
+    """The update amc runs (gradients written out, `FusedAdam` on them) moves both networks
+    and both optimisers' state exactly as the same losses through autograd and torch's own
+    fused Adam (`Optimizer.step`) do, the actor's penalty included."""
     from stable_baselines3.common.logger import Logger
 
     from autoprune.search.amc import ACTOR_BOUND
@@ -422,13 +422,15 @@ def test_amc_hand_written_update_matches_autograd(setup):
             agent.actor.mu[-2].weight.mul_(40.0)
         agents.append(agent)
     hand, reference = agents
+    for net, lr in ((reference.actor, 1e-4), (reference.critic, 1e-3)):  # torch's, not ours
+        net.optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
     obs = torch.as_tensor(np.concatenate([r[0] for r in rows]))
     with torch.no_grad():
         pre = hand.actor.mu[:-1](obs)
     assert (pre.abs() > ACTOR_BOUND).any() and (pre.abs() < ACTOR_BOUND).any()
     before = {net: {k: v.clone() for k, v in getattr(hand, net).state_dict().items()}
               for net in ("actor", "critic")}
-    for episode in range(4):  # the first creates the optimisers' state through `step`
+    for episode in range(4):
         np.random.seed(episode)  # the replay buffer samples from numpy's global generator
         hand._train(len(space), 64)
         np.random.seed(episode)
@@ -444,6 +446,51 @@ def test_amc_hand_written_update_matches_autograd(setup):
             assert float(sa["step"]) == float(sb["step"]) == 4 * len(space)
             assert torch.allclose(sa["exp_avg"], sb["exp_avg"], rtol=1e-4, atol=1e-7)
             assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def test_fused_adam_is_torchs_fused_adam_and_shares_its_checkpoints():
+    """amc's optimiser steps as `torch.optim.Adam(fused=True)` does, without importing
+    torch._dynamo (checked in a fresh process), and each loads the other's `state_dict`:
+    checkpoints made with either resume with either."""
+    from autoprune.search.amc import FusedAdam
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 1))
+            for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    ours = FusedAdam(nets[0].parameters(), lr=1e-2)
+    torchs = torch.optim.Adam(nets[1].parameters(), lr=1e-2, fused=True)
+    x = torch.randn(32, 5)
+    for _ in range(5):
+        for net, opt in zip(nets, (ours, torchs), strict=True):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(*(net.parameters() for net in nets), strict=True):
+        assert torch.equal(a, b)
+    # torch's state into ours: both then take the same step again
+    fresh = FusedAdam(nets[0].parameters(), lr=0.5)
+    fresh.load_state_dict(torchs.state_dict())
+    assert fresh.param_groups[0]["lr"] == 1e-2
+    for a, b in zip(fresh.state.values(), torchs.state.values(), strict=True):
+        assert float(a["step"]) == float(b["step"]) == 5.0
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    # ours into torch's, and a state saved before any step (SB3 checkpoints in warm-up)
+    back = torch.optim.Adam(nets[1].parameters(), lr=0.5, fused=True)
+    back.load_state_dict(ours.state_dict())
+    assert float(back.state[next(nets[1].parameters())]["step"]) == 5.0
+    unstepped = FusedAdam(nets[0].parameters())
+    unstepped.load_state_dict(torch.optim.Adam(nets[1].parameters()).state_dict())
+    assert all(float(s["step"]) == 0.0 for s in unstepped.state.values())
+    with pytest.raises(ValueError, match="does not match"):
+        FusedAdam(nets[0][0].parameters()).load_state_dict(torchs.state_dict())
+    code = ("import sys, torch; from autoprune.search.amc import FusedAdam; "
+            "n = torch.nn.Linear(2, 1); o = FusedAdam(n.parameters()); "
+            "n(torch.ones(1, 2)).sum().backward(); o.step(); o.state_dict(); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout
+    assert out.strip() == "False"
 
 
 @pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
@@ -513,13 +560,15 @@ def _kill_midway(args, log, at_least):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("searcher,trials,kill_at", [("random", 14, 4), ("evolution", 14, 6),
-                                                     ("amc", 14, 9)])
+                                                     ("amc", 28, 23)])
 def test_resume_after_sigkill(cli_env, tmp_path, searcher, trials, kill_at):
     ckpt, tables, budget = cli_env
     runs = tmp_path / "runs"
     args = _search_args(ckpt, tables, runs, searcher, trials, "s", budget)
     log = runs / "s" / "candidates.jsonl"
     before = _kill_midway(args, log, kill_at)
+    if searcher == "amc":  # killed past its first checkpoint (every 20 episodes): resumes it
+        assert (runs / "s" / "amc" / "latest.json").is_file()
     proc = run_cli(*args, check=True)
     after = _lines(log)
     assert after[:len(before)] == before  # nothing logged is lost or rewritten
