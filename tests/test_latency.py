@@ -406,6 +406,60 @@ def test_op_signature_key_round_trip():
         get_device("nope")
 
 
+def test_finer_search_grid_is_measured_and_the_wall_allows_for_it(tiny, tmp_path, digits):
+    """Searching every 4 channels on a device whose multiple is 8 measures every width of that
+    grid: onnxruntime runs a width between two multiples of 8 on other kernels (ResNet-56's
+    20-wide layers measured as slow as 24-wide ones, or slower), which interpolating between
+    16 and 24 cannot see. The predictor returns such a width's own measurement, and where it
+    costs more than a wider one, amc's wall still builds only feasible policies."""
+    import dataclasses
+
+    from autoprune.evaluate import Evaluator
+    from autoprune.latency.predictor import LatencyPredictor
+    from autoprune.search import BudgetWall
+    from autoprune.search.amc import PruningEnv
+
+    spec, model, _ = tiny
+    space = SearchSpace.from_model(model, torch.zeros(1, 1, 8, 8),
+                                   SpaceSpec(min_keep=0.25, round_to=4))
+    device = get_device("cpu-ort")
+    assert device.channel_multiple == 8 and device.grid_multiple == 1
+    key = model_key(spec.name, (1, 1, 8, 8))
+    with get_backend(device) as backend:
+        setup = build_table(model, space, device, backend, key=key, model_name=str(spec.name),
+                            path=tmp_path / "fine.json", calibrate_n=2)
+    conv2 = [op for op in setup.ops if op.name == "conv2"][0]
+    g1, g2 = conv2.in_group, conv2.out_group
+    assert {12, 20, 28} <= set(space.group(g2).choices)
+    for c1, c2 in itertools.product(space.group(g1).choices, space.group(g2).choices):
+        assert conv2.sig({g1: c1, g2: c2}).key in setup.table.entries
+    sig20 = conv2.sig({g1: 16, g2: 20})
+    raw = setup.predictor(calibrated=False)
+    assert raw.op_cost(sig20) == setup.table.entries[sig20.key].median_ms  # not interpolated
+    # make width 20 dearer than 24 (as onnxruntime can): the wall must step around it
+    table = dataclasses.replace(setup.table, entries=dict(setup.table.entries))
+    for c1 in space.group(g1).choices:
+        k = conv2.sig({g1: c1, g2: 20}).key
+        table.entries[k] = dataclasses.replace(table.entries[k],
+                                               median_ms=table.entries[k].median_ms * 20)
+    pred = LatencyPredictor(table, space, setup.ops, model_key=key, channel_multiple=8)
+    at = {c: pred.predict({g1: 16, g2: c}) for c in (16, 20, 24)}
+    assert at[20] > at[24] > at[16]
+    wall = BudgetWall(space, pred, at[24])
+    assert wall.clip({g1: 16}, g2, 20) == 16 and wall.clip({g1: 16}, g2, 24) == 24
+    ev = Evaluator(model, digits, space, pred, budget_ms=at[24], val_images=100, bn_batches=1)
+    seen = []
+    env = PruningEnv(space, pred, at[24], lambda p, ep: seen.append(p) or ev.evaluate(p),
+                     action="wall")
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        env.reset()
+        done = False
+        while not done:
+            _, _, done, _, _ = env.step(rng.uniform(0, 1, size=1).astype(np.float32))
+    assert all(pred.predict(p) <= at[24] * (1 + 1e-9) for p in seen)
+
+
 def test_coarse_profile_grid_interpolates(tiny, tmp_path):
     """A device may measure its table every 16 channels while searching every 8: widths in
     between are interpolated, never missing."""

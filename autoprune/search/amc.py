@@ -176,7 +176,9 @@ class PruningEnv(gym.Env):
             top = most if self.action == "wall" else g.max_channels
             wanted = g.min_channels + a * (top - g.min_channels)
             keep = min(g.choices, key=lambda c: (abs(c - wanted), -c))
-        self.partial[g.name] = min(keep, most)
+        # the wall's own width fits; a narrower one may not where costs are not monotone
+        self.partial[g.name] = most if keep >= most else self.wall.clip(self.partial, g.name,
+                                                                         keep)
         self.prev_action = a
         self.t += 1
         done = self.t == len(self.space)

@@ -36,7 +36,10 @@ class SearchContext:
 class BudgetWall:
     """AMC's action wall: a policy is built group by group, and each group may keep at most
     the channels that still let the remaining groups, at their minimum, meet the budget.
-    Costs are non-decreasing in channels, so every policy built this way is feasible."""
+    Costs are non-decreasing across the device's channel multiples, but a width between two
+    multiples may cost more than the next one up (runtimes pad it, or run it on a slower
+    kernel, and a table measured on a finer grid says so), so a width below the wall is
+    checked too (`clip`): every policy built this way is feasible."""
 
     def __init__(self, space: SearchSpace, predictor, budget_ms: float):
         self.space, self.predictor, self.budget_ms = space, predictor, budget_ms
@@ -60,6 +63,17 @@ class BudgetWall:
             else:
                 hi = mid - 1
         return choices[lo]
+
+    def clip(self, partial: dict[str, int], group: str, keep: int) -> int:
+        """``keep``, or where it does not fit (a width dearer than a wider one) the widest
+        narrower grid point that does; the minimum always fits a completable ``partial``."""
+        if self.fits({**partial, group: keep}):
+            return keep
+        narrower = [c for c in self.space.group(group).choices if c < keep]
+        for c in reversed(narrower[1:]):
+            if self.fits({**partial, group: c}):
+                return c
+        return narrower[0] if narrower else keep
 
     def project(self, proposed: dict[str, int]) -> Policy:
         """A feasible policy that keeps the *shape* of a proposal: every group is moved toward
