@@ -64,9 +64,9 @@ class TargetDevice:
         """The channel multiple the latency table is measured on: ``profile_multiple`` where
         the device sets one (a coarser grid, interpolated between), else 1: every width of the
         search space's grid, however fine. Interpolating a 4-channel grid between multiples
-        of 8 on cpu-ort under-predicted ResNet-56's narrow policies by up to 10%, since a width
-        between two multiples runs on other kernels (bench/README.md, "ResNet-56 on the
-        4-channel grid")."""
+        of 8 on cpu-ort put ResNet-56's narrow policies up to 16% too fast as a fraction of the
+        unpruned model, since a width between two multiples runs on other kernels
+        (bench/README.md, "ResNet-56 on the 4-channel grid")."""
         return self.profile_multiple or 1
 
     @property
