@@ -448,16 +448,18 @@ def test_finer_search_grid_is_measured_and_the_wall_allows_for_it(tiny, tmp_path
     wall = BudgetWall(space, pred, at[24])
     assert wall.clip({g1: 16}, g2, 20) == 16 and wall.clip({g1: 16}, g2, 24) == 24
     ev = Evaluator(model, digits, space, pred, budget_ms=at[24], val_images=100, bn_batches=1)
-    seen = []
-    env = PruningEnv(space, pred, at[24], lambda p, ep: seen.append(p) or ev.evaluate(p),
-                     action="wall")
-    rng = np.random.default_rng(0)
-    for _ in range(40):
-        env.reset()
-        done = False
-        while not done:
-            _, _, done, _, _ = env.step(rng.uniform(0, 1, size=1).astype(np.float32))
-    assert all(pred.predict(p) <= at[24] * (1 + 1e-9) for p in seen)
+    for action in ("wall", "share", "bounds"):
+        seen = []
+        env = PruningEnv(space, pred, at[24],
+                         lambda p, ep, seen=seen: seen.append(p) or ev.evaluate(p),
+                         action=action)
+        rng = np.random.default_rng(0)
+        for _ in range(40):
+            env.reset()
+            done = False
+            while not done:
+                _, _, done, _, _ = env.step(rng.uniform(0, 1, size=1).astype(np.float32))
+        assert all(pred.predict(p) <= at[24] * (1 + 1e-9) for p in seen), action
 
 
 def test_coarse_profile_grid_interpolates(tiny, tmp_path):

@@ -151,15 +151,22 @@ class PruningEnv(gym.Env):
 
     def _share_keep(self, g, a: float) -> int:
         """The width whose added latency is nearest ``2a`` x the group's fair share of the
-        slack (see the class docstring); the caller clips it by the wall."""
+        slack (see the class docstring). Where that width breaks the wall, the widest
+        narrower one that does not: with the later groups at their minimum these are the
+        wall's own predictions, so no other check is needed (and where costs are monotone
+        this is the wall's widest width, as AMC clips)."""
         base = {**self._smallest, **self.partial}
         floor = self.predictor.predict(base)
         slack = max(0.0, self.budget_ms - floor)
         rest = float(self.spans[self.t:].sum())
         fair = slack * float(self.spans[self.t]) / rest if rest > 0 else slack
         spend = min(slack, 2.0 * a * fair)
-        return min(g.choices, key=lambda c: (
-            abs(self.predictor.predict({**base, g.name: c}) - floor - spend), c))
+        costs = [(self.predictor.predict({**base, g.name: c}), c) for c in g.choices]
+        ms, keep = min(costs, key=lambda mc: (abs(mc[0] - floor - spend), mc[1]))
+        if self.wall.allows(ms):
+            return keep
+        narrower = [c for m, c in costs if c < keep and self.wall.allows(m)]
+        return narrower[-1] if narrower else g.choices[0]
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -169,16 +176,16 @@ class PruningEnv(gym.Env):
     def step(self, action):
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
         g = self.space.groups[self.t]
-        most = self.wall.max_keep(self.partial, g.name)
-        if self.action == "share":
+        if self.action == "share":  # already within the wall
             keep = self._share_keep(g, a)
         else:
+            most = self.wall.max_keep(self.partial, g.name)
             top = most if self.action == "wall" else g.max_channels
             wanted = g.min_channels + a * (top - g.min_channels)
             keep = min(g.choices, key=lambda c: (abs(c - wanted), -c))
-        # the wall's own width fits; a narrower one may not where costs are not monotone
-        self.partial[g.name] = most if keep >= most else self.wall.clip(self.partial, g.name,
-                                                                         keep)
+            # the wall's own width fits; a narrower one may not where costs are not monotone
+            keep = most if keep >= most else self.wall.clip(self.partial, g.name, keep)
+        self.partial[g.name] = keep
         self.prev_action = a
         self.t += 1
         done = self.t == len(self.space)

@@ -46,9 +46,12 @@ class BudgetWall:
         self._smallest = space.smallest().to_dict()
         self._tol = budget_ms * 1e-9
 
+    def allows(self, ms: float) -> bool:
+        """Whether a predicted latency is within the budget (to float rounding)."""
+        return ms <= self.budget_ms + self._tol
+
     def fits(self, partial: dict[str, int]) -> bool:
-        return self.predictor.predict({**self._smallest, **partial}) <= self.budget_ms + \
-            self._tol
+        return self.allows(self.predictor.predict({**self._smallest, **partial}))
 
     def max_keep(self, partial: dict[str, int], group: str) -> int:
         """The widest grid point of ``group`` that keeps ``partial`` completable."""
