@@ -161,12 +161,9 @@ class PruningEnv(gym.Env):
         rest = float(self.spans[self.t:].sum())
         fair = slack * float(self.spans[self.t]) / rest if rest > 0 else slack
         spend = min(slack, 2.0 * a * fair)
-        costs = [(self.predictor.predict({**base, g.name: c}), c) for c in g.choices]
-        ms, keep = min(costs, key=lambda mc: (abs(mc[0] - floor - spend), mc[1]))
-        if self.wall.allows(ms):
-            return keep
-        narrower = [c for m, c in costs if c < keep and self.wall.allows(m)]
-        return narrower[-1] if narrower else g.choices[0]
+        costs = {c: self.predictor.predict({**base, g.name: c}) for c in g.choices}
+        keep = min(g.choices, key=lambda c: (abs(costs[c] - floor - spend), c))
+        return self.wall.clip(self.partial, g.name, keep, costs)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)

@@ -67,14 +67,21 @@ class BudgetWall:
                 hi = mid - 1
         return choices[lo]
 
-    def clip(self, partial: dict[str, int], group: str, keep: int) -> int:
+    def clip(self, partial: dict[str, int], group: str, keep: int,
+             costs: dict[int, float] | None = None) -> int:
         """``keep``, or where it does not fit (a width dearer than a wider one) the widest
-        narrower grid point that does; the minimum always fits a completable ``partial``."""
-        if self.fits({**partial, group: keep}):
+        narrower grid point that does; the minimum always fits a completable ``partial``.
+        ``costs`` (width -> predicted ms of ``partial`` with it and the later groups at their
+        minimum), where the caller has them, saves predicting them again."""
+        def fits(c: int) -> bool:
+            return self.allows(costs[c]) if costs is not None else \
+                self.fits({**partial, group: c})
+
+        if fits(keep):
             return keep
         narrower = [c for c in self.space.group(group).choices if c < keep]
         for c in reversed(narrower[1:]):
-            if self.fits({**partial, group: c}):
+            if fits(c):
                 return c
         return narrower[0] if narrower else keep
 
