@@ -155,13 +155,13 @@ class PruningEnv(gym.Env):
         narrower one that does not: with the later groups at their minimum these are the
         wall's own predictions, so no other check is needed (and where costs are monotone
         this is the wall's widest width, as AMC clips)."""
-        base = {**self._smallest, **self.partial}
-        floor = self.predictor.predict(base)
+        base = {**self._smallest, **self.partial}  # this group and the later at their minimum
+        costs = {c: self.predictor.predict({**base, g.name: c}) for c in g.choices}
+        floor = costs[g.choices[0]]  # = the prediction of ``base`` itself
         slack = max(0.0, self.budget_ms - floor)
         rest = float(self.spans[self.t:].sum())
         fair = slack * float(self.spans[self.t]) / rest if rest > 0 else slack
         spend = min(slack, 2.0 * a * fair)
-        costs = {c: self.predictor.predict({**base, g.name: c}) for c in g.choices}
         keep = min(g.choices, key=lambda c: (abs(costs[c] - floor - spend), c))
         return self.wall.clip(self.partial, g.name, keep, costs)
 
