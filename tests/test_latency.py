@@ -462,6 +462,46 @@ def test_finer_search_grid_is_measured_and_the_wall_allows_for_it(tiny, tmp_path
         assert all(pred.predict(p) <= at[24] * (1 + 1e-9) for p in seen), action
 
 
+def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tiny_table, tmp_path, caplog):
+    """A table extended later (here: a finer search grid) was measured at two times, and this
+    machine's speed moves between sessions (1.2 to 1.3x here). The run re-measures some of the
+    table's entries and scales the new ones to match, so a width added later is not cheap
+    merely because it was measured on a faster spell: make the stored entries 1.6x slower than
+    now, and the widths added between them still cost what their neighbours cost."""
+    import dataclasses
+    import logging
+
+    spec, model, space8 = tiny
+    setup8, path8 = tiny_table
+    path = tmp_path / "cpu-ort" / "tiny.json"
+    table = LatencyTable.load(path8)
+    table.entries = {k: dataclasses.replace(v, median_ms=v.median_ms * 1.6)
+                     for k, v in table.entries.items()}
+    table.save(path)
+    device = get_device("cpu-ort")
+    key = model_key(spec.name, (1, 1, 8, 8))
+    space4 = SearchSpace.from_model(model, torch.zeros(1, 1, 8, 8),
+                                    SpaceSpec(min_keep=0.25, round_to=4))
+    with get_backend(device) as backend, caplog.at_level(logging.INFO, "autoprune"):
+        setup = build_table(model, space4, device, backend, key=key, model_name=str(spec.name),
+                            path=path, calibrate_n=2)
+        stored = LatencyTable.load(path)
+        (ext,) = stored.extensions  # kept in the table's provenance
+        added = set(stored.entries) - set(table.entries)
+        assert ext["added"] == len(added) > 0 and ext["anchors"] >= 4
+        assert 1.25 < ext["scale"] < 2.0, ext
+        assert "new entries were scaled by" in caplog.text
+        conv2 = [op for op in setup.ops if op.name == "conv2"][0]
+        g1, g2 = conv2.in_group, conv2.out_group
+        at = {c: stored.entries[conv2.sig({g1: 16, g2: c}).key].median_ms for c in (16, 20, 24)}
+        assert conv2.sig({g1: 16, g2: 20}).key in added
+        assert at[20] > 0.8 * min(at[16], at[24]), at  # ~0.6x without the scaling
+        # nothing to add: nothing measured again, no record
+        build_table(model, space4, device, backend, key=key, model_name=str(spec.name),
+                    path=path)
+    assert len(LatencyTable.load(path).extensions) == 1
+
+
 def test_coarse_profile_grid_interpolates(tiny, tmp_path):
     """A device may measure its table every 16 channels while searching every 8: widths in
     between are interpolated, never missing."""

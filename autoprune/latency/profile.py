@@ -8,6 +8,7 @@ entries, so an interrupted run loses little and a re-run continues.
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from ..prune import apply_policy
 from ..space import SearchSpace
 from .backends import Backend
 from .devices import TargetDevice
-from .ops import LayerOp, grid_signatures, model_ops
+from .ops import LayerOp, OpSig, grid_signatures, model_ops
 from .predictor import LatencyPredictor
 from .stats import LatencyStat
 from .table import Calibration, LatencyTable, profile_command, table_path
@@ -134,25 +135,91 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
     if reused:
         log.info("reused %d entries from other tables of %s", reused, device.name)
     missing = [s for s in sigs if s.key not in table.entries]
+    anchors = _anchor_keys(table, sigs) if missing else []
     if missing:
         backend.prepare_ops(missing)
+    # entries already in the table were measured at another time, when the machine may have run
+    # faster or slower: some of them are measured again now, before and after the new ones, and
+    # the new ones are put on the table's timebase (see `_timebase`)
+    now = {k: [backend.measure_op(OpSig.from_key(k))] for k in anchors}
+    factor = _timebase(table, now)
     last_save = time.monotonic()
+    new: dict[str, LatencyStat] = {}
     try:
         with bar(f"profile {device.name}", len(missing), enabled=progress,
                  fields="{task.fields[op]}") as pbar:
             for i, sig in enumerate(missing):
                 pbar.update(op=sig.key)
-                table.entries[sig.key] = backend.measure_op(sig)
+                new[sig.key] = backend.measure_op(sig)
+                table.entries[sig.key] = _scaled(new[sig.key], factor)
                 pbar.advance()
                 if (i + 1) % SAVE_EVERY == 0 or time.monotonic() - last_save > 30:
                     table.save()
                     last_save = time.monotonic()
+        if anchors:
+            for k in anchors:
+                now[k].append(backend.measure_op(OpSig.from_key(k)))
+            factor = _timebase(table, now)
+            for k, stat in new.items():
+                table.entries[k] = _scaled(stat, factor)
+            table.extensions.append({
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "added": len(new), "anchors": len(anchors), "scale": round(factor, 4)})
+            _report_timebase(factor, len(anchors), len(new), table)
     finally:
         table.save()  # what was measured is kept, even on Ctrl-C
     setup = LatencySetup(device, space, ops, table, key)
     if key not in table.calibration or missing or recalibrate:
         calibrate(setup, model, backend, n=calibrate_n, seed=seed, progress=progress)
     return setup
+
+
+ANCHORS = 8  # entries already in a table that a run adding to it measures again, twice each
+# a timebase that moved by more than this is reported as a warning (the new entries are scaled
+# either way); beyond it a rebuild is the better remedy
+TIMEBASE_WARN = 0.15
+
+
+def _anchor_keys(table: LatencyTable, sigs) -> list[str]:
+    """Up to ANCHORS of this model's signatures that the table already holds, spread evenly
+    over their latencies (cheapest to dearest)."""
+    held = sorted((table.entries[s.key].median_ms, s.key) for s in sigs if s.key in table.entries)
+    if len(held) <= ANCHORS:
+        return [k for _, k in held]
+    idx = np.linspace(0, len(held) - 1, ANCHORS).round().astype(int)
+    return [held[i][1] for i in sorted(set(idx))]
+
+
+def _timebase(table: LatencyTable, now: dict[str, list[LatencyStat]]) -> float:
+    """The factor that puts a measurement taken now on the table's timebase: the median over
+    the anchors of stored / measured now (1 with no anchors).
+
+    Measured on 2026-11-22: entries of one table measured in an earlier session ran 1.28 to
+    1.33x as long as the same ops measured again, while widths added that day measured as
+    they did then. Searchers then preferred exactly the widths added last (12 and 36 channels
+    looked cheaper than 8 and 32), and winners predicted within a budget of 0.3 measured 1.17
+    to 1.30x over it (bench/README.md)."""
+    ratios = [table.entries[k].median_ms / s.median_ms
+              for k, stats in now.items() for s in stats if s.median_ms > 0]
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+def _scaled(stat: LatencyStat, factor: float) -> LatencyStat:
+    if factor == 1.0:
+        return stat
+    return LatencyStat(stat.median_ms * factor, stat.iqr_ms * factor, stat.n)
+
+
+def _report_timebase(factor: float, n_anchors: int, n_new: int, table: LatencyTable) -> None:
+    msg = (f"{n_anchors} of the table's earlier entries, measured again, ran "
+           f"{1 / factor:.2f}x as long as when they were stored; the {n_new} new entries were "
+           f"scaled by {factor:.3f} to match them")
+    if abs(np.log(factor)) > np.log1p(TIMEBASE_WARN):
+        log.warning("%s. The machine's speed has moved that much since the table was built: "
+                    "the same command with --rebuild measures every entry of %s again at one "
+                    "time", msg, table.path)
+    else:
+        log.info(msg)
 
 
 SCALE_RANGE = (0.5, 2.0)  # plausible measured / sum-of-ops ratios; see calibrate()

@@ -58,6 +58,9 @@ class LatencyTable:
     entries: dict[str, LatencyStat] = field(default_factory=dict)
     calibration: dict[str, Calibration] = field(default_factory=dict)
     path: Path | None = None
+    # one record per profile run that added entries to the table after its first: when, how
+    # many, how many earlier entries it measured again, and the factor applied to the new ones
+    extensions: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ identity
     @classmethod
@@ -98,7 +101,8 @@ class LatencyTable:
             "format": TABLE_FORMAT,
             "provenance": {"device": self.device, "runtime": self.runtime,
                            "versions": self.versions, "cpu": self.cpu, "threads": self.threads,
-                           "batch": self.batch, "created": self.created},
+                           "batch": self.batch, "created": self.created,
+                           **({"extensions": self.extensions} if self.extensions else {})},
             "entries": {k: [v.median_ms, v.iqr_ms, v.n]
                         for k, v in sorted(self.entries.items())},
             "calibration": {k: c.to_dict() for k, c in sorted(self.calibration.items())},
@@ -132,7 +136,7 @@ class LatencyTable:
                            for k, c in d.get("calibration", {}).items()}
             return cls(p["device"], p["runtime"], dict(p["versions"]), p["cpu"],
                        int(p["threads"]), int(p["batch"]), p["created"], entries, calibration,
-                       path)
+                       path, [dict(x) for x in p.get("extensions", [])])
         except FileNotFoundError:
             raise
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
