@@ -14,7 +14,7 @@ LATENCY_TABLES_DIR = Path(__file__).resolve().parents[2] / "latency_tables"
 DEVICES_FILE = LATENCY_TABLES_DIR / "devices.yaml"
 RUNTIMES = ("onnxruntime", "tvm")
 _KEYS = {"description", "runtime", "provider", "target", "threads", "batch", "channel_multiple",
-         "pads_channels", "profile_multiple", "tuning", "remote", "cross_compiler"}
+         "profile_multiple", "tuning", "remote", "cross_compiler"}
 _REMOTE_KEYS = {"host", "port", "key", "tracker"}
 
 
@@ -35,9 +35,6 @@ class TargetDevice:
     threads: int = 1
     batch: int = 1
     channel_multiple: int = 1
-    # the runtime pads channels up to ``channel_multiple`` inside a whole model: a width then
-    # costs at least what the next multiple up costs (see LatencyPredictor)
-    pads_channels: bool = False
     provider: str | None = None  # onnxruntime execution provider
     target: dict[str, Any] | None = None  # TVM target as a JSON dict
     profile_multiple: int | None = None  # coarser table grid (tuned TVM kernels)
@@ -55,9 +52,6 @@ class TargetDevice:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UserError(f"{where}: `{key}` must be a positive integer, got {v!r}")
-        if not isinstance(self.pads_channels, bool):
-            raise UserError(f"{where}: `pads_channels` must be true or false, got "
-                            f"{self.pads_channels!r}")
         if self.runtime == "tvm" and not isinstance(self.target, dict):
             raise UserError(f"{where}: a tvm device needs `target` as a mapping, e.g. "
                             "{kind: llvm, num-cores: 1}")

@@ -4,11 +4,9 @@ Each conv/linear op's cost is looked up in the table, or interpolated (bilinear 
 output channels; linear for depthwise) between the grid points of its family. Costs are made
 non-decreasing across the device's channel multiples (a cumulative max along each axis), so
 measurement noise never makes a wider layer look cheaper; non-multiples keep their raw value,
-since runtimes really do run them on slower kernels. On a device whose runtime pads channels to
-its multiple (``pads_channels``), a non-multiple also costs at least what the next multiple up
-costs: measured alone such a width can run cheaper than inside the model (see `_padded`). The
-sum of op costs is calibrated to whole-model latency with the table's fitted scale (per op kind
-where fitted so) and offset for this model.
+since runtimes really do run them on slower kernels. The sum of op costs is calibrated to
+whole-model latency with the table's fitted scale (per op kind where fitted so) and offset for
+this model.
 
 For speed (>= 10,000 predictions/s) every op's cost over its groups' channel grid is computed
 once; a prediction is then one array lookup per op.
@@ -39,14 +37,12 @@ class _Family:
     """The measured grid of one op family: cin x cout -> ms. A depthwise family is 1-D (its
     input and output widths are one number)."""
 
-    def __init__(self, points: dict[tuple[int, int], float], multiple: int, *, diagonal: bool,
-                 pads: bool = False):
+    def __init__(self, points: dict[tuple[int, int], float], multiple: int, *, diagonal: bool):
         self.diagonal = diagonal
         if diagonal:
             self.cs = sorted(ci for ci, _ in points)
             vals = np.array([points[(c, c)] for c in self.cs])[None, :]
-            grid = _monotone(vals, [multiple], self.cs, multiple)
-            self.grid = (_padded(grid, [multiple], self.cs, multiple) if pads else grid)[0]
+            self.grid = _monotone(vals, [multiple], self.cs, multiple)[0]
             return
         self.cins = sorted({ci for ci, _ in points})
         self.couts = sorted({co for _, co in points})
@@ -54,8 +50,6 @@ class _Family:
         for (ci, co), ms in points.items():
             grid[self.cins.index(ci), self.couts.index(co)] = ms
         self.grid = _monotone(grid, self.cins, self.couts, multiple)
-        if pads:
-            self.grid = _padded(self.grid, self.cins, self.couts, multiple)
 
     def value(self, cin: int, cout: int) -> float:
         if self.diagonal:
@@ -101,34 +95,11 @@ def _monotone(grid: np.ndarray, cins: list[int], couts: list[int], multiple: int
     return out
 
 
-def _padded(grid: np.ndarray, cins: list[int], couts: list[int], multiple: int) -> np.ndarray:
-    """Each (cin, cout) costs at least what (cin, cout) rounded up to the next measured
-    multiples costs. onnxruntime's CPU kernels pad channels to blocks, so inside a whole model a
-    width runs like the next multiple of 8 up. Measured alone, a width between multiples can run
-    cheaper than inside the model: on 2026-11-22 (ResNet-20, cpu-ort, table measured at every
-    4 channels) stage 3's residual width at 20, 28 or 36 channels was predicted 5 to 6% under
-    its measurement, the width 16, 32 or 40 within 1%; whole, 20 measured as 24 (and 36 as 40,
-    12 as 16) within 1%. The searchers picked exactly those widths (bench/README.md)."""
-    def up(cs: list[int]) -> list[int]:
-        out = []
-        for k in range(len(cs)):
-            above = [m for m in range(k, len(cs)) if cs[m] % multiple == 0]
-            # below the multiple a runtime takes narrow inputs as they are (onnxruntime)
-            out.append(above[0] if above and cs[k] > multiple else k)
-        return out
-
-    ui, uj = up(cins), up(couts)
-    padded = grid[np.ix_(ui, uj)]
-    # NaN (never measured) stays NaN: the caller reports a missing entry
-    return np.where(np.isnan(grid), grid, np.fmax(grid, padded))
-
-
 class LatencyPredictor:
     """Predicts whole-model latency (ms) of a policy of ``space`` on the table's device."""
 
     def __init__(self, table: LatencyTable, space: SearchSpace, ops: list[LayerOp], *,
-                 model_key: str, channel_multiple: int = 1, pads_channels: bool = False,
-                 calibrated: bool = True):
+                 model_key: str, channel_multiple: int = 1, calibrated: bool = True):
         self.table, self.space, self.ops = table, space, ops
         self.model_key = model_key
         self.calibration: Calibration | None = \
@@ -136,7 +107,7 @@ class LatencyPredictor:
         if self.calibration is None and calibrated:
             log.warning("latency table %s has no calibration for %s: predictions are raw sums "
                         "of op latencies", table.path, model_key)
-        self._families = self._build_families(table, channel_multiple, pads_channels)
+        self._families = self._build_families(table, channel_multiple)
         self._raw_cache: dict[str, float] = {}
         # per op: (in group, out group, in choices, out choices, cost matrix)
         self._compiled = [self._compile(op) for op in ops]
@@ -147,12 +118,12 @@ class LatencyPredictor:
 
     # ------------------------------------------------------------------ setup
     @staticmethod
-    def _build_families(table: LatencyTable, multiple: int, pads: bool):
+    def _build_families(table: LatencyTable, multiple: int):
         points: dict[tuple, dict[tuple[int, int], float]] = defaultdict(dict)
         for key, stat in table.entries.items():
             sig = OpSig.from_key(key)
             points[sig.family][(sig.cin, sig.cout)] = stat.median_ms
-        return {fam: _Family(pts, multiple, diagonal=fam[0] == "depthwise", pads=pads)
+        return {fam: _Family(pts, multiple, diagonal=fam[0] == "depthwise")
                 for fam, pts in points.items()}
 
     def op_cost(self, sig: OpSig) -> float:

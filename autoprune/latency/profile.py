@@ -54,7 +54,7 @@ class LatencySetup:
     def predictor(self, *, calibrated: bool = True) -> LatencyPredictor:
         return LatencyPredictor(self.table, self.space, self.ops, model_key=self.key,
                                 channel_multiple=self.device.channel_multiple,
-                                pads_channels=self.device.pads_channels, calibrated=calibrated)
+                                calibrated=calibrated)
 
 
 def random_policies(space: SearchSpace, n: int, *, seed: int = 0) -> list[Policy]:
