@@ -471,8 +471,8 @@ def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tiny_table, tm
     import dataclasses
     import logging
 
-    spec, model, space8 = tiny
-    setup8, path8 = tiny_table
+    spec, model, _ = tiny
+    _, path8 = tiny_table
     path = tmp_path / "cpu-ort" / "tiny.json"
     table = LatencyTable.load(path8)
     table.entries = {k: dataclasses.replace(v, median_ms=v.median_ms * 1.6)

@@ -3,7 +3,9 @@ whole-model measurements.
 
 Profiling is incremental: entries already in the table (or in any compatible table of the same
 device, since models share signatures) are reused, and the table is saved atomically every few
-entries, so an interrupted run loses little and a re-run continues.
+entries, so an interrupted run loses little and a re-run continues. A run that adds entries to
+a table measures some of its earlier ones again and puts the new ones on the table's timebase
+(`_timebase`): a shared machine's speed moves between sessions.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from .table import Calibration, LatencyTable, profile_command, table_path
 log = logging.getLogger(__name__)
 
 SAVE_EVERY = 25
+ANCHORS = 8  # entries already in a table that a run adding to it measures again, twice each
+# a timebase that moved by more than this is reported as a warning (the new entries are scaled
+# either way); beyond it a rebuild is the better remedy
+TIMEBASE_WARN = 0.15
 
 
 def model_key(name: str, input_shape: tuple[int, ...]) -> str:
@@ -172,12 +178,6 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
     if key not in table.calibration or missing or recalibrate:
         calibrate(setup, model, backend, n=calibrate_n, seed=seed, progress=progress)
     return setup
-
-
-ANCHORS = 8  # entries already in a table that a run adding to it measures again, twice each
-# a timebase that moved by more than this is reported as a warning (the new entries are scaled
-# either way); beyond it a rebuild is the better remedy
-TIMEBASE_WARN = 0.15
 
 
 def _anchor_keys(table: LatencyTable, sigs) -> list[str]:
