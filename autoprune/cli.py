@@ -403,6 +403,8 @@ def cmd_profile(args) -> int:
         cal = setup.table.calibration[key]
         summary = {"table": str(setup.table.path), "entries": len(setup.table.entries),
                    "device": device.name, "model": key, "calibration": cal.to_dict()}
+        if setup.extension:
+            summary["extension"] = setup.extension
         pred = setup.predictor()
         summary["predicted_ms"] = {"full": pred.max_latency(), "smallest": pred.min_latency()}
         if args.validate:
@@ -421,6 +423,10 @@ def cmd_profile(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"latency table {summary['table']}: {summary['entries']} op entries")
+    if "extension" in summary:
+        ext = summary["extension"]
+        print(f"  {ext['added']} of them new: {ext['anchors']} earlier entries measured again "
+              f"put them on the table's timebase (x{ext['scale']:.3f})")
     kinds = "".join(f", {k} ops x {v:.4f}" for k, v in sorted(cal.kind_scales.items()))
     print(f"calibration: measured = {cal.scale:.4f} x sum(ops) {cal.offset_ms:+.4f} ms{kinds} "
           f"(fit on {cal.n} whole-model runs, mean abs error {cal.fit_mean_abs_pct:.2f}%)")

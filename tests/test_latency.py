@@ -487,6 +487,7 @@ def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tiny_table, tm
                             path=path, calibrate_n=2)
         stored = LatencyTable.load(path)
         (ext,) = stored.extensions  # kept in the table's provenance
+        assert setup.extension == ext  # and told to the caller (`profile` prints it)
         added = set(stored.entries) - set(table.entries)
         assert ext["added"] == len(added) > 0 and ext["anchors"] >= 4
         assert 1.25 < ext["scale"] < 2.0, ext
@@ -497,8 +498,8 @@ def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tiny_table, tm
         assert conv2.sig({g1: 16, g2: 20}).key in added
         assert at[20] > 0.8 * min(at[16], at[24]), at  # ~0.6x without the scaling
         # nothing to add: nothing measured again, no record
-        build_table(model, space4, device, backend, key=key, model_name=str(spec.name),
-                    path=path)
+        assert build_table(model, space4, device, backend, key=key, model_name=str(spec.name),
+                           path=path).extension is None
     assert len(LatencyTable.load(path).extensions) == 1
 
 

@@ -56,6 +56,8 @@ class LatencySetup:
     ops: list[LayerOp]
     table: LatencyTable
     key: str
+    # the record of this run's additions to an existing table (see `_timebase`), if it made one
+    extension: dict[str, Any] | None = None
 
     def predictor(self, *, calibrated: bool = True) -> LatencyPredictor:
         return LatencyPredictor(self.table, self.space, self.ops, model_key=self.key,
@@ -174,7 +176,8 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
             _report_timebase(factor, len(anchors), len(new), table)
     finally:
         table.save()  # what was measured is kept, even on Ctrl-C
-    setup = LatencySetup(device, space, ops, table, key)
+    setup = LatencySetup(device, space, ops, table, key,
+                         table.extensions[-1] if anchors else None)
     if key not in table.calibration or missing or recalibrate:
         calibrate(setup, model, backend, n=calibrate_n, seed=seed, progress=progress)
     return setup
