@@ -599,6 +599,48 @@ def test_resume_after_sigkill(cli_env, tmp_path, searcher, trials, kill_at):
         assert strip(after) == strip(clean)
 
 
+_POP_WAITING = """
+import json, sys, time
+from types import SimpleNamespace
+import optuna
+from autoprune.search.evolution import open_optuna_study
+ctx = SimpleNamespace(storage_url=sys.argv[1], study_name="q", shared_storage=True)
+study = open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=["maximize"])
+while time.time() < float(sys.argv[2]):
+    pass
+taken = []
+while (trial_id := study._pop_waiting_trial_id()) is not None:
+    taken.append(trial_id)
+print(json.dumps(taken))
+"""
+
+
+def test_workers_sharing_a_sqlite_study_never_take_the_same_enqueued_trial(tmp_path):
+    """Optuna hands out an enqueued trial by reading that it waits and then marking it running;
+    SQLite ignores the row lock that makes that atomic elsewhere, so without a transaction that
+    takes the write lock first, two workers took the same trials (9 of 60 here) and one of
+    them had its result refused."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from autoprune.search.evolution import open_optuna_study
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    ctx = SimpleNamespace(storage_url=url, study_name="q", shared_storage=True)
+    study = open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=["maximize"])
+    for i in range(60):
+        study.enqueue_trial({"x": i})
+    start = time.time() + 3  # both past their imports, then popping at once
+    procs = [subprocess.Popen([sys.executable, "-c", _POP_WAITING, url, str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    a, b = (json.loads(out) for out, _ in outs)
+    assert not set(a) & set(b) and len(a) + len(b) == 60
+
+
 @pytest.mark.slow
 def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
     """`--storage URL`: two processes run one evolution study together (heartbeats on, WAL)."""
