@@ -34,6 +34,9 @@ def setup(digits, tmp_path_factory):
     """ResNet-20 briefly trained on digits, its cpu-ort table, an evaluator at a budget
     halfway between the smallest policy and the unpruned model."""
     spec = ModelSpec("resnet20", num_classes=10, in_channels=1, input_size=8)
+    # the initial weights come from torch's global generator: seeded, so the model does not
+    # depend on which tests drew from it before (its accuracy varied 88 to 90% with them)
+    torch.manual_seed(0)
     model = build_model(spec)
     train(model, digits, TrainConfig(epochs=3, batch_size=64, lr=0.05))
     model.eval()
@@ -79,11 +82,13 @@ def test_evaluator_caches_and_scores(setup):
 
 def test_adaptive_bn_helps_a_pruned_model(setup, digits):
     model, space, pred, budget, _ = setup
-    p = space.uniform(0.5)
+    # keeping three quarters: with half, both are within a few points of chance (10%) and
+    # which is ahead depended on the initial weights
+    p = space.uniform(0.75)
     kw = dict(budget_ms=budget, val_images=300)
     with_bn = Evaluator(model, digits, space, pred, adaptive_bn=True, **kw).evaluate(p)
     without = Evaluator(model, digits, space, pred, adaptive_bn=False, **kw).evaluate(p)
-    assert with_bn.val_acc >= without.val_acc
+    assert with_bn.val_acc > without.val_acc + 0.1, (with_bn.val_acc, without.val_acc)
 
 
 def test_infeasible_budget_is_refused_up_front(setup):
