@@ -641,7 +641,8 @@ def cmd_search(args) -> int:
                                 state_dir=study.root / "amc", storage_url=study.storage_url,
                                 study_name=name, done_trials=done,
                                 shared_storage=study.shared,
-                                on_candidate=on_candidate)
+                                on_candidate=on_candidate,
+                                known=lambda p: p in evaluator.cache)
             searcher.run(ctx)
         reference = _reference(study, evaluator, space, predictor)
         verdict = _verify(study, args, device, loaded.model, space, reference)

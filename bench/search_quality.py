@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--amc-update", choices=["hand", "autograd"], default="hand",
                     help="amc's DDPG update: the hand-written one it runs, or the same update "
                     "through autograd (its reference, to time the difference in a search)")
+    ap.add_argument("--keep", help="write each run's candidates (JSON lines) and the measured "
+                    "check's measurements under this folder, to look into a winner afterwards")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.amc_update == "autograd":
@@ -121,7 +123,7 @@ def main() -> int:
                                         if v is not None})
                     out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
                                             pred, backend, args.trials, options,
-                                            args.verify_top))
+                                            args.verify_top, args.keep))
                     print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
     out["summary"] = _summarise(out["runs"])
     print(json.dumps(out, indent=2))
@@ -129,7 +131,7 @@ def main() -> int:
 
 
 def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, trials, options,
-         verify_top):
+         verify_top, keep=None):
     ev = Evaluator(model, data, space, pred, budget_ms=budget_ms, seed=seed)
     searcher = SEARCHERS[name]()(space, pred, budget_ms, seed=seed, **options)
     found = []
@@ -137,7 +139,7 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
         ctx = SearchContext(evaluate=lambda p, t: ev.evaluate(p, searcher=name, trial=t),
                             n_trials=trials, seed=seed, state_dir=Path(tmp) / "amc",
                             storage_url=f"sqlite:///{tmp}/optuna.db", study_name="bench",
-                            on_candidate=found.append)
+                            on_candidate=found.append, known=lambda p: p in ev.cache)
         t0 = time.perf_counter()
         searcher.run(ctx)
         wall = time.perf_counter() - t0
@@ -160,6 +162,11 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
     best = best or predicted_best
     rec = known.get(policy_key(best.policy)) or measure(best.policy)
     verify_s = time.perf_counter() - t0
+    if keep:
+        folder = Path(keep) / f"{name}-b{budget_f:g}-s{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "candidates.jsonl").write_text("".join(c.to_json() + "\n" for c in cands))
+        (folder / "measured.json").write_text(json.dumps(known, indent=1))
     return {"budget": budget_f, "searcher": name, "seed": seed, "options": options,
             "evaluated": len(cands), "episodes": episodes,
             "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,

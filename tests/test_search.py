@@ -55,7 +55,9 @@ def setup(digits, tmp_path_factory):
     return model, space, pred, budget, ev
 
 
-def _ctx(ev, n, tmp_path, name="s"):
+def _ctx(ev, n, tmp_path, name="s", *, known=False):
+    """``known``: the searcher is told which policies ``ev`` has evaluated (as a study tells
+    it), so it moves repeats to new policies; off where ``ev`` is shared between tests."""
     found = []
 
     def evaluate(policy, trial):
@@ -63,7 +65,8 @@ def _ctx(ev, n, tmp_path, name="s"):
 
     ctx = SearchContext(evaluate=evaluate, n_trials=n, seed=0, state_dir=tmp_path / "state",
                         storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", study_name=name,
-                        on_candidate=found.append)
+                        on_candidate=found.append,
+                        known=(lambda p: p in ev.cache) if known else (lambda p: False))
     return ctx, found
 
 
@@ -195,6 +198,51 @@ def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
     assert by_projecting < by_clipping, (by_projecting, by_clipping)
 
 
+def test_a_repeat_moves_to_a_feasible_neighbour_not_yet_evaluated(setup):
+    _, space, pred, _, _ = setup
+    lo, hi = pred.min_latency(), pred.max_latency()
+    wall = BudgetWall(space, pred, lo + 0.1 * (hi - lo))
+    rng = np.random.default_rng(0)
+    index = {g.name: g.choices.index for g in space.groups}
+    for _ in range(20):
+        p = wall.project({g.name: int(rng.choice(g.choices)) for g in space.groups})
+        seen = {p}
+        q = wall.unseen_near(p, seen.__contains__, rng)
+        assert q != p and wall.allows(pred.predict(q))
+        assert all(abs(index[g](q[g]) - index[g](p[g])) <= 1 for g in space.names)
+        wider = [g for g in space.names if q[g] > p[g]]
+        narrower = [g for g in space.names if q[g] < p[g]]
+        if wider and narrower:  # one group wider traded a grid point of one other
+            assert len(wider) == len(narrower) == 1
+            assert not wall.fits({**p.to_dict(), wider[0]: q[wider[0]]})
+        else:  # one group one grid point
+            assert len(wider) + len(narrower) == 1
+    assert wall.unseen_near(p, lambda _: True, rng) == p  # nothing new nearby: the repeat
+
+
+@pytest.mark.parametrize("name", ["random", "evolution"])
+def test_searchers_evaluate_a_new_policy_each_trial_at_a_tight_budget(setup, digits, tmp_path,
+                                                                      name):
+    """A twentieth of the way from the smallest policy to the unpruned model few policies fit,
+    and projection sends many proposals onto the same ones: without being told which were
+    evaluated, the searcher repeats some (served from the cache, a trial with no new
+    candidate); told, every trial evaluates a new policy."""
+    model, space, pred, _, _ = setup
+    lo, hi = pred.min_latency(), pred.max_latency()
+    tight = lo + 0.05 * (hi - lo)
+    distinct = {}
+    for known in (False, True):
+        ev = Evaluator(model, digits, space, pred, budget_ms=tight, val_images=50, bn_batches=1)
+        options = {"population": 4} if name == "evolution" else {}
+        searcher = SEARCHERS[name]()(space, pred, tight, seed=0, **options)
+        ctx, found = _ctx(ev, 24, tmp_path / str(known), name, known=known)
+        (tmp_path / str(known)).mkdir()
+        searcher.run(ctx)
+        assert len(found) == 24 and all(c.feasible for c in found)
+        distinct[known] = len({c.policy for c in found})
+    assert distinct[False] < 24 and distinct[True] == 24, distinct
+
+
 @pytest.mark.parametrize("name,n", [("uniform", 3), ("random", 6), ("evolution", 8),
                                     ("amc", 6)])
 def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, monkeypatch, name, n):
@@ -302,7 +350,7 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
     # an evaluator of its own: which policies the shared one has cached depends on test order
     ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=200, bn_batches=3)
     searcher = SEARCHERS["evolution"]()(space, pred, budget, seed=1, population=4)
-    ctx, found = _ctx(ev, 5, tmp_path, "evo")
+    ctx, found = _ctx(ev, 5, tmp_path, "evo", known=True)
     searcher.run(ctx)
     stored = optuna.load_study(study_name="evo", storage=ctx.storage_url)
     assert [t.number for t in stored.trials] == [c.trial for c in found] == list(range(5))
@@ -316,13 +364,14 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
     ev.evaluate(orphan, searcher="test", trial=5)
     done = {c.trial: c.policy for c in found} | {5: orphan}
     evaluations = ev.evaluations
-    ctx, found2 = _ctx(ev, 7, tmp_path, "evo")
+    ctx, found2 = _ctx(ev, 7, tmp_path, "evo", known=True)
     searcher.run(dataclasses.replace(ctx, done_trials=done))
     stored = optuna.load_study(study_name="evo", storage=ctx.storage_url)
     assert [t.state for t in stored.trials] == [TrialState.COMPLETE] * 7
     assert stored.trials[5].user_attrs["policy"] == orphan.to_dict()
+    # the logged policy is served under its number, not moved on as a repeat would be
     assert [c.trial for c in found2] == [5, 6] and found2[0].policy == orphan
-    assert ev.evaluations - evaluations == (found2[1].policy not in done.values())
+    assert ev.evaluations - evaluations == 1 and found2[1].policy not in done.values()
 
     # leftovers of an older version, which sampled in the file: a RUNNING and a WAITING trial
     genome = lambda p: {g.name: g.choices.index(p[g.name]) for g in space.groups}  # noqa: E731
@@ -333,7 +382,7 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
                                                distributions=stored.trials[0].distributions))
     stored.enqueue_trial(genome(waiting))
     done |= {c.trial: c.policy for c in found2}
-    ctx, found3 = _ctx(ev, 9, tmp_path, "evo")
+    ctx, found3 = _ctx(ev, 9, tmp_path, "evo", known=True)
     searcher.run(dataclasses.replace(ctx, done_trials=done))
     stored = optuna.load_study(study_name="evo", storage=ctx.storage_url)
     states = [t.state for t in stored.trials]

@@ -31,6 +31,9 @@ class SearchContext:
     done_trials: dict[int, Policy] = field(default_factory=dict)
     shared_storage: bool = False  # --storage URL: other workers may write the same study
     on_candidate: Callable[[Candidate], None] = lambda c: None
+    # whether a policy was evaluated already (in the study's cache): a searcher moves a
+    # proposal that repeats one to a policy not yet evaluated (`BudgetWall.unseen_near`)
+    known: Callable[[Policy], bool] = lambda p: False
 
 
 class BudgetWall:
@@ -119,6 +122,57 @@ class BudgetWall:
                     out[g.name] = c
                     break
         return Policy.from_dict(out)
+
+    def unseen_near(self, policy: Policy, known: Callable[[Policy], bool], rng, *,
+                    hops: int = 4) -> Policy:
+        """A feasible policy near ``policy`` that ``known`` says was not evaluated yet, or
+        ``policy`` itself when none is found within ``hops`` steps.
+
+        At a tight budget few policies fit (ResNet-20 at 0.3 on a 4-channel grid: about 12,900
+        of 1.8e10), projection sends many proposals onto the same ones, and a repeat is served
+        from the cache: 300 NSGA-II trials evaluated only 126 to 145 policies, and random 229 to
+        239, so a searcher was compared with others at fewer evaluated candidates than asked.
+        One step moves one group one grid point: wider first (trading a grid point of another
+        group where the budget needs it), so the neighbour stays near the budget, where the
+        accurate policies are; then narrower. When every neighbour was evaluated, the walk
+        goes on from a random one."""
+        cur = policy.to_dict()
+        for _ in range(hops):
+            moves = self._moves(cur, rng)
+            for m in moves:
+                p = Policy.from_dict(m)
+                if not known(p):
+                    return p
+            if not moves:
+                break
+            cur = moves[int(rng.integers(len(moves)))]
+        return policy
+
+    def _moves(self, cur: dict[str, int], rng) -> list[dict[str, int]]:
+        """Feasible policies one grid step from ``cur`` (see `unseen_near`), in random order
+        within each kind: one group wider (with another one narrower where needed), then one
+        group narrower."""
+        groups = self.space.groups
+        order = [groups[i] for i in rng.permutation(len(groups))]
+        wider, narrower = [], []
+        for g in order:
+            k = g.choices.index(cur[g.name])
+            if k + 1 < len(g.choices):
+                up = {**cur, g.name: g.choices[k + 1]}
+                if self.fits(up):
+                    wider.append(up)
+                else:
+                    for h in order:
+                        kh = h.choices.index(cur[h.name])
+                        if h is g or kh == 0:
+                            continue
+                        trade = {**up, h.name: h.choices[kh - 1]}
+                        if self.fits(trade):
+                            wider.append(trade)
+                            break
+            if k > 0 and self.fits(down := {**cur, g.name: g.choices[k - 1]}):
+                narrower.append(down)
+        return wider + narrower
 
 
 class Searcher(abc.ABC):

@@ -59,19 +59,28 @@ class UniformSearcher(Searcher):
 class RandomSearcher(Searcher):
     """Random feasible policies: each group draws a keep ratio uniformly, and the draw is
     projected onto the budget (``BudgetWall.project``: one common shrink, so no group is
-    favoured by its position). Trial i draws from its own seeded generator, so a resumed
-    study proposes the same."""
+    favoured by its position). A draw that projects onto a policy already evaluated is drawn
+    again (up to ``redraws`` times, then moved to a neighbour not yet evaluated: see
+    ``BudgetWall.unseen_near``): at budget 0.3 on a 4-channel grid 300 draws gave only 229 to
+    239 distinct policies. Trial i draws from its own seeded generators, so a resumed study
+    proposes the same."""
 
     name = "random"
+    redraws = 20
 
-    def propose(self, trial: int) -> Policy:
-        rng = np.random.default_rng([self.seed, trial])
-        wanted = {g.name: g.keep_for_ratio(float(rng.uniform(0.0, 1.0)))
-                  for g in self.space.groups}
-        return self.wall.project(wanted)
+    def propose(self, trial: int, known=lambda p: False) -> Policy:
+        for attempt in range(self.redraws):
+            rng = np.random.default_rng([self.seed, trial] if attempt == 0
+                                        else [self.seed, trial, attempt])
+            wanted = {g.name: g.keep_for_ratio(float(rng.uniform(0.0, 1.0)))
+                      for g in self.space.groups}
+            policy = self.wall.project(wanted)
+            if not known(policy):
+                return policy
+        return self.wall.unseen_near(policy, known, rng)
 
     def run(self, ctx: SearchContext) -> None:
         for trial in range(ctx.n_trials):
             if trial in ctx.done_trials:
                 continue
-            ctx.on_candidate(ctx.evaluate(self.propose(trial), trial))
+            ctx.on_candidate(ctx.evaluate(self.propose(trial, ctx.known), trial))

@@ -5,7 +5,10 @@ Each group's genome is an index into its channel grid. An over-budget proposal i
 onto the budget before evaluation (``BudgetWall.project``: every group shrinks toward its
 minimum by one common factor, so the genome of a later group still matters), so every
 evaluated policy is feasible, as the design asks; the projected policy is what is scored and
-stored on the trial. The uniform policy at the budget is
+stored on the trial. A projected policy that an earlier trial evaluated is moved to a
+neighbour not yet evaluated (``BudgetWall.unseen_near``), so every trial evaluates a new policy
+wherever the space has one: at a tight budget projection sends many proposals onto the same
+few policies. The uniform policy at the budget is
 enqueued as a seed and takes part in breeding: the objective reads ``trial.relative_params``
 first (without that Optuna 5 gives an enqueued trial no NSGA-II generation, so it is never a
 parent).
@@ -17,6 +20,8 @@ import logging
 import os
 import time
 import warnings
+
+import numpy as np
 
 from ..errors import UserError
 from .base import SearchContext, Searcher
@@ -82,6 +87,12 @@ class EvolutionSearcher(Searcher):
             proposed = {g.name: g.choices[trial.suggest_int(g.name, 0, len(g.choices) - 1)]
                         for g in groups}
             policy = self.wall.project(proposed)
+            # a repeat is moved to a neighbour not yet evaluated, unless the trial was enqueued:
+            # the seed, or a logged policy proposed again to be served from the cache
+            enqueued = "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id)
+            if not enqueued and ctx.known(policy):
+                policy = self.wall.unseen_near(
+                    policy, ctx.known, np.random.default_rng([worker_seed, trial.number]))
             cand = ctx.evaluate(policy, trial.number)
             ctx.on_candidate(cand)
             trial.set_user_attr("policy", policy.to_dict())
