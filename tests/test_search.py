@@ -393,6 +393,39 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
                                                                    waiting.to_dict()]
 
 
+def test_finished_trials_written_with_plain_inserts_read_back_as_optuna_writes_them(tmp_path):
+    """`append_trial` stores what `Study.add_trial` stores (it skips Optuna's ORM round trips):
+    the same trials come back from both files, field by field, an infinite value included."""
+    import math
+
+    import optuna
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from autoprune.search.evolution import append_trial
+
+    studies = [optuna.create_study(storage=f"sqlite:///{tmp_path / f'{k}.db'}", study_name="s",
+                                   directions=["maximize", "minimize"]) for k in "ab"]
+    dists = {f"g{i}": IntDistribution(0, 6) for i in range(12)}
+    for k in range(3):
+        trial = create_trial(
+            state=TrialState.COMPLETE if k < 2 else TrialState.FAIL,
+            values=[0.5 + k, math.inf if k == 1 else 0.1] if k < 2 else None,
+            params={n: (k + i) % 7 for i, n in enumerate(dists)}, distributions=dists,
+            user_attrs={"policy": {"conv1": 8, "layer1": k}},
+            system_attrs={"constraints": [0.1 - k], "nsga2:generation": k,
+                          "fixed_params": {"g0": 1}})
+        studies[0].add_trial(trial)
+        append_trial(studies[1], trial)
+    a, b = (optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / f'{k}.db'}")
+            .trials for k in "ab")
+    assert len(a) == len(b) == 3 and b[1].values[1] == math.inf
+    for x, y in zip(a, b, strict=True):
+        for name in ("number", "state", "values", "params", "distributions", "user_attrs",
+                     "system_attrs", "datetime_start", "datetime_complete"):
+            assert getattr(x, name) == getattr(y, name), name
+
+
 def test_amc_noise_decays_on_new_policies_and_grows_on_repeats(setup):
     """After warm-up, an episode with a new policy decays the exploration noise by 0.95 down
     to the floor; an episode that repeats a policy raises it, up to the initial sigma."""

@@ -187,9 +187,57 @@ def open_search_study(ctx, sampler, *, directions: list[str], logged=None):
             work.enqueue_trial(params)
 
     def write(_study, trial):
-        record.add_trial(trial)
+        append_trial(record, trial)
 
     return work, [write]
+
+
+def append_trial(study, trial) -> None:
+    """Add a finished ``trial`` to ``study``'s RDB storage in one transaction of plain INSERTs:
+    what ``study.add_trial`` stores, without its ORM round trips (a query and a flush for every
+    parameter and attribute, 17 of them here: ~12 ms of the ~20 ms a trial of evolution costs
+    besides its evaluation, 5% of wall time at budget 0.3 where an evaluation takes 0.3 s).
+    Optuna reads the rows back as the same trial (a test compares the two ways). A storage
+    of another kind, or a trial with intermediate values, goes through ``add_trial``."""
+    import json
+
+    import optuna
+    from optuna.distributions import distribution_to_json
+    from sqlalchemy import func, insert, select
+
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, optuna.storages.RDBStorage) or trial.intermediate_values:
+        study.add_trial(trial)
+        return
+    from optuna.storages._rdb import models
+
+    t = models.TrialModel.__table__
+    with backend.engine.begin() as conn:
+        number = conn.execute(select(func.count()).select_from(t)
+                              .where(t.c.study_id == study._study_id)).scalar_one()
+        trial_id = conn.execute(insert(t).values(
+            number=number, study_id=study._study_id, state=trial.state,
+            datetime_start=trial.datetime_start,
+            datetime_complete=trial.datetime_complete)).inserted_primary_key[0]
+        if trial.values is not None:
+            rows = []
+            for objective, value in enumerate(trial.values):
+                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+                rows.append({"trial_id": trial_id, "objective": objective, "value": stored,
+                             "value_type": kind})
+            conn.execute(insert(models.TrialValueModel.__table__), rows)
+        params = [{"trial_id": trial_id, "param_name": name,
+                   "param_value": trial.distributions[name].to_internal_repr(value),
+                   "distribution_json": distribution_to_json(trial.distributions[name])}
+                  for name, value in trial.params.items()]
+        if params:
+            conn.execute(insert(models.TrialParamModel.__table__), params)
+        for model, attrs in ((models.TrialUserAttributeModel, trial.user_attrs),
+                             (models.TrialSystemAttributeModel, trial.system_attrs)):
+            if attrs:
+                conn.execute(insert(model.__table__),
+                             [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                              for k, v in attrs.items()])
 
 
 def open_optuna_study(ctx, sampler, *, directions: list[str]):
