@@ -117,7 +117,7 @@ def _load_data(loaded: Loaded):
     return data
 
 
-def _build_space(loaded: Loaded, args):
+def _build_space(loaded: Loaded, args, *, coupled_round_to: int | None = None):
     from .space import SearchSpace, SpaceSpec
 
     spec = SpaceSpec.load(args.space) if getattr(args, "space", None) else \
@@ -126,7 +126,8 @@ def _build_space(loaded: Loaded, args):
     if round_to is not None and round_to < 1:
         raise UserError(f"`--round-to` must be >= 1, got {round_to}")
     return SearchSpace.from_model(loaded.model, loaded.example_input(), spec,
-                                  family=loaded.spec.family, round_to=round_to)
+                                  family=loaded.spec.family, round_to=round_to,
+                                  coupled_round_to=coupled_round_to)
 
 
 # --------------------------------------------------------------------------- commands
@@ -286,10 +287,11 @@ def _device(args):
 
 
 def _device_space(loaded: Loaded, args, device):
-    """The search space on the device's channel multiple (unless --round-to overrides)."""
+    """The search space on the device's channel multiple (unless --round-to overrides it;
+    residual streams stay on the device's multiple even then: see `SearchSpace.from_model`)."""
     if getattr(args, "round_to", None) is None:
         args.round_to = device.channel_multiple
-    return _build_space(loaded, args)
+    return _build_space(loaded, args, coupled_round_to=device.channel_multiple)
 
 
 def _backend(device, args):

@@ -98,7 +98,8 @@ def main() -> int:
     x = torch.zeros(data.input_shape)
     space = SearchSpace.from_model(model, x, SpaceSpec.for_family(spec.family),
                                    family=spec.family,
-                                   round_to=args.round_to or device.channel_multiple)
+                                   round_to=args.round_to or device.channel_multiple,
+                                   coupled_round_to=device.channel_multiple)
     out = {"model": spec.name, "data": ckpt["data"], "device": device.name,
            "trials": args.trials, "amc_update": args.amc_update, "runs": []}
     with get_backend(device) as backend:

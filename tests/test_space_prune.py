@@ -116,6 +116,29 @@ def test_rounding_honoured(round_to):
     assert g.choices == tuple(range(max(16, round_to), 65, round_to))
 
 
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_residual_streams_keep_the_device_multiple_on_a_finer_grid(name):
+    """`--round-to 4` on a device whose multiple is 8: a group that several layers write (a
+    residual stream, which the runtime pads to its multiple inside the model) keeps its grid
+    points on multiples of 8, within the same bounds; every other group gets the finer grid."""
+    _, fine = _space(name, round_to=4)
+    _, mixed = _space(name, round_to=4, coupled_round_to=8)
+    streams = 0
+    for f, m in zip(fine.groups, mixed.groups, strict=True):
+        assert (m.min_channels, m.max_channels) == (f.min_channels, f.max_channels)
+        if sum(x.endswith(":out") for x in m.members) > 1:
+            streams += 1
+            assert m.choices == tuple(c for c in f.choices
+                                      if c % min(8, m.channels) == 0
+                                      or c in (m.min_channels, m.max_channels))
+        else:
+            assert m.choices == f.choices
+    assert streams >= 3  # one per stage at least
+    # a coarser --round-to applies to every group
+    _, coarse = _space(name, round_to=16, coupled_round_to=8)
+    assert all(g.round_to == min(16, g.channels) for g in coarse.groups)
+
+
 def test_policy_from_ratios_and_bounds():
     _, space = _space("resnet20")
     p = space.policy_from_ratios([0.0] * len(space))
