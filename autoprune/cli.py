@@ -598,8 +598,7 @@ def cmd_search(args) -> int:
         "weights": str(loaded.weights.resolve()) if loaded.weights else None,
         "device": device.to_dict(), "budget": budget, "budget_ms": round(budget_ms, 9),
         "searcher": args.searcher, "searcher_options": searcher.options(), "seed": args.seed,
-        "space": {"round_to": space.groups[0].round_to if space.groups else None,
-                  "source": Path(space.spec_source).name, "groups": list(space.names)},
+        "space": _space_config(space, args, device),
         "evaluator": evaluator.describe(), "reward": args.reward,
         "versions": versions,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -663,6 +662,17 @@ def cmd_search(args) -> int:
     console.print(f"evaluated {evaluator.evaluations} new candidate(s); "
                   + ", ".join(f"{k} {v}" for k, v in paths.items()))
     return 0
+
+
+def _space_config(space, args, device) -> dict:
+    """The search space as a study's config records it: the channel grid asked for and, where
+    it is finer than the device's multiple, the residual streams' grid (they keep the device's,
+    see `SearchSpace.from_model`), so a study made before that rule is not resumed on it."""
+    out = {"round_to": args.round_to, "source": Path(space.spec_source).name,
+           "groups": list(space.names)}
+    if device.channel_multiple > args.round_to:
+        out["residual_round_to"] = device.channel_multiple
+    return out
 
 
 def _verify(study, args, device, model, space, reference) -> str:

@@ -205,8 +205,9 @@ class SearchSpace:
         multiple inside the model, while each op measured alone for the latency table does
         not: on cpu-ort (2026-11-22) ResNet-20's stage-3 stream at 20, 28 or 36 channels ran
         as 24, 32 or 40 do, 5 to 6% over its prediction, and at budget 0.3 on a 4-channel
-        grid the searchers' best candidates all had it at 28 and measured 1.08 to 1.15 x the
-        budget. A layer whose outputs only its own block reads is priced right at any width."""
+        grid the searchers' best candidates nearly all had it at 28 and measured 1.07 to 1.18 x
+        the budget. A layer whose outputs only its own block reads is priced right at any
+        width."""
         from .count import count_params, layer_macs
 
         spec = spec or SpaceSpec()

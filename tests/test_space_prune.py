@@ -137,6 +137,16 @@ def test_residual_streams_keep_the_device_multiple_on_a_finer_grid(name):
     # a coarser --round-to applies to every group
     _, coarse = _space(name, round_to=16, coupled_round_to=8)
     assert all(g.round_to == min(16, g.channels) for g in coarse.groups)
+    # a study's config says so, so a study made before the rule is not resumed on it
+    from types import SimpleNamespace
+
+    from autoprune.cli import _space_config
+    from autoprune.latency.devices import get_device
+
+    cpu_ort = get_device("cpu-ort")  # multiple 8
+    fine_cfg = _space_config(mixed, SimpleNamespace(round_to=4), cpu_ort)
+    assert fine_cfg["round_to"] == 4 and fine_cfg["residual_round_to"] == 8
+    assert "residual_round_to" not in _space_config(mixed, SimpleNamespace(round_to=8), cpu_ort)
 
 
 def test_policy_from_ratios_and_bounds():
