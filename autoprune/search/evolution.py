@@ -88,9 +88,9 @@ class EvolutionSearcher(Searcher):
                         for g in groups}
             policy = self.wall.project(proposed)
             # a repeat is moved to a neighbour not yet evaluated, unless the trial was enqueued:
-            # the seed, or a logged policy proposed again to be served from the cache
-            enqueued = "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id)
-            if not enqueued and ctx.known(policy):
+            # the seed, or a logged policy proposed again to be served from the cache (the
+            # trial read its enqueued parameters from the storage when it began: no query)
+            if not trial._fixed_params and ctx.known(policy):
                 policy = self.wall.unseen_near(
                     policy, ctx.known, np.random.default_rng([worker_seed, trial.number]))
             cand = ctx.evaluate(policy, trial.number)
