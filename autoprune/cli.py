@@ -577,7 +577,7 @@ def cmd_search(args) -> int:
         options = {"population": args.population, "sampler": args.sampler}
     elif args.searcher == "amc":
         options = {"reward": args.reward, "warmup_episodes": args.warmup_episodes,
-                   "action": args.amc_action}
+                   "action": args.amc_action, "repeats": args.amc_repeats}
         if args.amc_actor_reg is not None:
             options["actor_reg"] = args.amc_actor_reg
     searcher = SEARCHERS[args.searcher]()(space, predictor, budget_ms, seed=args.seed,
@@ -1280,6 +1280,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="amc: weight of the penalty on the actor's pre-tanh activation beyond "
                    "+-2, which keeps it from saturating (default 1; 0: off, as in studies made "
                    "before it)")
+    p.add_argument("--amc-repeats", choices=("move", "replay"), default="move",
+                   help="amc: an episode that builds a policy an earlier one evaluated "
+                   "evaluates a feasible neighbour not yet evaluated, and the agent learns from "
+                   "it (default), or is served from the cache and evaluates nothing (AMC, and "
+                   "studies made before moves)")
     p.add_argument("--val-images", type=int, default=2000, help="val images per candidate")
     p.add_argument("--no-adaptive-bn", action="store_true",
                    help="skip BN recalibration of pruned candidates")

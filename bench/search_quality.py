@@ -75,6 +75,9 @@ def main() -> int:
     ap.add_argument("--amc-actor-reg", type=float,
                     help="amc's penalty on the actor's pre-tanh activation (default: the "
                     "searcher's)")
+    ap.add_argument("--amc-repeats", choices=["move", "replay"],
+                    help="amc's episodes that repeat a policy: evaluate a new neighbour, or "
+                    "serve it from the cache as AMC does (default: the searcher's)")
     ap.add_argument("--amc-update", choices=["hand", "autograd"], default="hand",
                     help="amc's DDPG update: the hand-written one it runs, or the same update "
                     "through autograd (its reference, to time the difference in a search)")
@@ -120,7 +123,8 @@ def main() -> int:
                     if name == "amc":
                         options.update({k: v for k, v in (("warmup_episodes", args.amc_warmup),
                                                           ("action", args.amc_action),
-                                                          ("actor_reg", args.amc_actor_reg))
+                                                          ("actor_reg", args.amc_actor_reg),
+                                                          ("repeats", args.amc_repeats))
                                         if v is not None})
                     out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
                                             pred, backend, args.trials, options,
@@ -144,11 +148,14 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
         t0 = time.perf_counter()
         searcher.run(ctx)
         wall = time.perf_counter() - t0
-        episodes = None  # amc: episodes run, some of which repeated a policy (no evaluation)
+        # amc: episodes run (some repeated a policy: served from the cache, or moved to a new
+        # neighbour, ``moved``, with ``--amc-repeats move``)
+        episodes = moved = None
         latest = Path(tmp) / "amc" / "latest.json"
         if latest.is_file():
             ckpt = Path(tmp) / "amc" / json.loads(latest.read_text())["dir"]
-            episodes = json.loads((ckpt / "state.json").read_text())["episodes_done"]
+            state = json.loads((ckpt / "state.json").read_text())
+            episodes, moved = state["episodes_done"], state.get("episodes_moved")
     cands = list(ev.cache.values())
     eval_s = [c.eval_s for c in cands]
     # each a median of three separate measurements (one session can catch a spike of this
@@ -169,7 +176,7 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
         (folder / "candidates.jsonl").write_text("".join(c.to_json() + "\n" for c in cands))
         (folder / "measured.json").write_text(json.dumps(known, indent=1))
     return {"budget": budget_f, "searcher": name, "seed": seed, "options": options,
-            "evaluated": len(cands), "episodes": episodes,
+            "evaluated": len(cands), "episodes": episodes, "episodes_moved": moved,
             "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,
             "best_predicted_val_acc": predicted_best.val_acc,
             "verify_measured": len(known), "verify_s": verify_s,

@@ -426,6 +426,128 @@ def test_finished_trials_written_with_plain_inserts_read_back_as_optuna_writes_t
             assert getattr(x, name) == getattr(y, name), name
 
 
+def test_predictor_sweep_equals_one_prediction_per_width(setup):
+    """``sweep`` (every width of one group, the rest fixed) gives what ``predict`` gives for
+    each, for groups ops read and write (the residual streams: several of each), and for
+    policies with a width off the grid (there it falls back to ``predict``)."""
+    _, space, pred, _, _ = setup
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        p = {g.name: int(rng.choice(g.choices)) for g in space.groups}
+        p.pop(space.groups[int(rng.integers(len(space)))].name)  # a group left full
+        for g in space.groups:
+            want = {c: pred.predict({**p, g.name: c}) for c in g.choices}
+            assert pred.sweep(p, g.name) == pytest.approx(want, rel=1e-12, abs=0)
+    g, other = space.groups[1], space.groups[-1]
+    off = {other.name: other.choices[0] + 1}  # between two grid points: interpolated
+    assert off[other.name] not in other.choices
+    assert pred.sweep(off, g.name) == {c: pred.predict({**off, g.name: c}) for c in g.choices}
+
+
+@pytest.mark.parametrize("action", ["bounds", "wall", "share"])
+def test_amc_env_moves_a_repeated_policy_and_traces_the_one_it_evaluated(setup, digits,
+                                                                        action):
+    """Given the study's ``known``, an episode that builds a policy an earlier episode
+    evaluated evaluates a feasible neighbour nobody evaluated instead, and says so; its
+    trace is, step by step, the observation and the action with which the env picks the
+    neighbour's width (the transitions the agent learns from)."""
+    from autoprune.search.amc import PruningEnv
+
+    model, space, pred, budget, _ = setup
+    ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=200, bn_batches=3)
+    env = PruningEnv(space, pred, budget, lambda p, ep: ev.evaluate(p, trial=ep),
+                     action=action, known=lambda p: p in ev.cache, seed=0)
+
+    def episode(a):
+        env.reset()
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(np.array([a], np.float32))
+        return info
+
+    first = episode(0.5)
+    assert first["new"] and not first["repeat"] and "trace" not in first
+    built = first["candidate"].policy
+    second = episode(0.5)  # the same actions build the same policy: moved
+    moved = second["candidate"].policy
+    assert second["repeat"] and second["new"] and second["candidate"].trial == 1
+    assert moved != built and pred.predict(moved) <= budget * (1 + 1e-9)
+    steps = sum(abs(g.choices.index(moved[g.name]) - g.choices.index(built[g.name]))
+                for g in space.groups)
+    assert 1 <= steps <= 2 * 4  # a neighbour: a few grid steps (`unseen_near`'s hops)
+    assert len(second["trace"]) == len(space)
+    env.reset()
+    smallest = space.smallest().to_dict()
+    for g, (obs, a) in zip(space.groups, second["trace"], strict=True):
+        assert obs == pytest.approx(env._obs())
+        before = dict(env.partial)
+        env.step(np.array([a], np.float32))
+        got, want = env.partial[g.name], moved[g.name]
+        if action == "share":  # widths that cost the same are one action (the narrower)
+            costs = pred.sweep({**smallest, **before}, g.name)
+            assert costs[got] == pytest.approx(costs[want], rel=1e-6) or a == 1.0
+        else:
+            assert got == want
+        env.partial[g.name] = want  # on along the neighbour's episode
+    # without ``known`` (AMC, ``repeats="replay"``) the repeat is served from the cache
+    plain = PruningEnv(space, pred, budget, lambda p, ep: ev.evaluate(p, trial=ep),
+                       action=action, seed=0)
+    plain.episode = 2
+    plain.reset()
+    done = False
+    while not done:
+        _, _, done, _, info = plain.step(np.array([0.5], np.float32))
+    assert info["candidate"].policy == built and info["repeat"] and not info["new"]
+
+
+def test_amc_agent_learns_from_the_policy_evaluated_not_the_one_it_built(setup):
+    """An episode the env moved stores the trace's transitions (actions in SB3's scaled
+    range), and counts as a repeat for the exploration noise."""
+    _, space, pred, budget, ev = setup
+    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0, warmup_episodes=0)
+    env = searcher.make_env(lambda p, ep: ev.evaluate(p))
+    agent = searcher.make_agent(env)
+    obs, _ = env.reset()
+    trace = [(np.full(obs.shape, i / 100, np.float32), i / len(space))
+             for i in range(len(space))]
+    for i in range(len(space)):  # the agent's own steps
+        agent._last_obs = obs[None]
+        info = {"new": True, "repeat": True, "trace": trace} if i == len(space) - 1 else {}
+        agent._store_transition(agent.replay_buffer, np.full((1, 1), 0.9, np.float32),
+                                obs[None], np.array([0.5]), np.array([i == len(space) - 1]),
+                                [info])
+    buf = agent.replay_buffer
+    assert buf.pos == len(space)
+    assert buf.observations[:len(space), 0] == pytest.approx(np.stack([o for o, _ in trace]))
+    assert buf.actions[:len(space), 0, 0] == pytest.approx([2 * a - 1 for _, a in trace])
+    assert agent.sigma_scaled == pytest.approx(1.0)  # a repeat: grows, capped at the start
+    assert agent.candidates_new == 1 and agent.episodes_done == 1
+
+
+def test_amc_moving_repeats_evaluates_a_new_policy_nearly_every_episode(setup, digits,
+                                                                       tmp_path):
+    """``repeats="move"`` (the default): N candidates take about N episodes, each followed by
+    one DDPG update; served from the cache (AMC), the same N take more episodes and updates
+    at a tight budget (a twentieth of the way from the smallest policy to the unpruned
+    model). Either way the study gets N distinct feasible candidates."""
+    model, space, pred, _, _ = setup
+    lo, hi = pred.min_latency(), pred.max_latency()
+    tight = lo + 0.05 * (hi - lo)
+    episodes = {}
+    for repeats in ("move", "replay"):
+        ev = Evaluator(model, digits, space, pred, budget_ms=tight, val_images=50, bn_batches=1)
+        ctx, found = _ctx(ev, 16, tmp_path / repeats, known=True)
+        searcher = SEARCHERS["amc"]()(space, pred, tight, seed=0, warmup_episodes=2,
+                                      repeats=repeats)
+        assert searcher.options().get("repeats") == (repeats if repeats == "move" else None)
+        searcher.run(ctx)
+        assert len({c.policy for c in found}) == len(found) == 16
+        assert all(c.feasible for c in found)
+        ckpt = ctx.state_dir / json.loads((ctx.state_dir / "latest.json").read_text())["dir"]
+        episodes[repeats] = json.loads((ckpt / "state.json").read_text())["episodes_done"]
+    assert episodes["move"] <= 16 + 1 < episodes["replay"], episodes
+
+
 def test_amc_noise_decays_on_new_policies_and_grows_on_repeats(setup):
     """After warm-up, an episode with a new policy decays the exploration noise by 0.95 down
     to the floor; an episode that repeats a policy raises it, up to the initial sigma."""
@@ -684,6 +806,14 @@ def test_resume_after_sigkill(cli_env, tmp_path, searcher, trials, kill_at):
         strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "eval_s"}  # noqa: E731
                                for x in lines]
         assert strip(after) == strip(clean)
+        # ... including episodes that repeated a policy and moved to a new one, where the
+        # replay must move as the original did (the log already holds both policies then)
+        states = []
+        for name in ("s", "clean"):
+            folder = runs / name / "amc"
+            ckpt = folder / json.loads((folder / "latest.json").read_text())["dir"]
+            states.append(json.loads((ckpt / "state.json").read_text()))
+        assert states[0]["episodes_moved"] == states[1]["episodes_moved"] > 0, states
 
 
 _POP_WAITING = """

@@ -50,6 +50,16 @@ Deviations from the paper, each for a reason:
   episodes evaluated only 125 to 213 candidates, and amc was compared with searchers that
   evaluated 300. It now runs until ``--trials`` distinct candidates, at most 5x as many
   episodes.
+- An episode that builds a policy an earlier episode evaluated evaluates instead a feasible
+  neighbour that none did (one grid step or a few from it, `BudgetWall.unseen_near`, as
+  evolution and random do), and the agent stores that policy's transitions: at each step the
+  observation and the action with which the env picks the neighbour's width
+  (`PruningEnv.trace`). DDPG learns off-policy, so these teach it as its own would. The
+  exploration noise still grows on the agent's own repeats (``repeats="move"``, the default;
+  ``"replay"`` serves the repeat from the cache, as studies made before did). A repeat had
+  cost an episode and an update but no evaluation: at budget 0.3 amc ran 757 to 1,095
+  episodes for its 300 candidates, and its updates were 16% of the wall time; with moves it
+  runs one episode per candidate. Measured in ``bench/search_quality.py``.
 - The replay buffer holds AMC's 100 episodes (``rmsize`` 100 per layer in AMC's code; it held
   100,000 transitions before), which also keeps each checkpoint small.
 """
@@ -79,6 +89,9 @@ N_FEATURES = 10
 # leaves (see PruningEnv); "bounds": the action spans the group's bounds and the wall clips it
 # (AMC); "wall": the action spans the group's minimum to the most the wall allows
 ACTIONS = ("bounds", "wall", "share")
+# an episode that builds a policy an earlier one evaluated: "move" evaluates a feasible
+# neighbour not yet evaluated and learns from that; "replay" serves it from the cache (AMC)
+REPEATS = ("move", "replay")
 KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 # the actor's pre-tanh activation is penalised beyond +-ACTOR_BOUND (tanh 0.964, where tanh
 # still passes 7% of the gradient), with weight ACTOR_REG (see the module's docstring)
@@ -116,12 +129,16 @@ class PruningEnv(gym.Env):
     ``-error * log(latency)`` (``"acc-log-latency"``)."""
 
     def __init__(self, space, predictor, budget_ms: float, evaluate, *, reward: str = "acc",
-                 action: str = "share"):
+                 action: str = "share", known=None, seed: int = 0):
         super().__init__()
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         self.space, self.predictor, self.budget_ms = space, predictor, budget_ms
         self.evaluate, self.reward_kind, self.action = evaluate, reward, action
+        # ``known(policy)``: whether the study evaluated it already. Given, an episode whose
+        # policy an earlier episode had evaluates a feasible neighbour not yet evaluated
+        # instead (see `_moved`); None: it is served from the cache (AMC)
+        self.known, self.seed = known, seed
         self.wall = BudgetWall(space, predictor, budget_ms)
         self.static = _group_features(space, predictor)
         costs = predictor.group_costs(space.full())
@@ -156,7 +173,7 @@ class PruningEnv(gym.Env):
         wall's own predictions, so no other check is needed (and where costs are monotone
         this is the wall's widest width, as AMC clips)."""
         base = {**self._smallest, **self.partial}  # this group and the later at their minimum
-        costs = {c: self.predictor.predict({**base, g.name: c}) for c in g.choices}
+        costs = self.predictor.sweep(base, g.name)
         floor = costs[g.choices[0]]  # = the prediction of ``base`` itself
         slack = max(0.0, self.budget_ms - floor)
         rest = float(self.spans[self.t:].sum())
@@ -164,6 +181,59 @@ class PruningEnv(gym.Env):
         spend = min(slack, 2.0 * a * fair)
         keep = min(g.choices, key=lambda c: (abs(costs[c] - floor - spend), c))
         return self.wall.clip(self.partial, g.name, keep, costs)
+
+    def _seen_before(self, policy: Policy) -> bool:
+        """Whether an earlier episode evaluated ``policy``. Asked of the study's log by the
+        candidate's trial (= its episode), so a resumed agent replaying the episodes after its
+        checkpoint sees what the original run saw, not the policies those episodes logged."""
+        if not self.known(policy):
+            return False
+        return self.evaluate(policy, self.episode).trial < self.episode  # served from the log
+
+    def _moved(self, policy: Policy) -> Policy:
+        """For an episode that repeats an earlier policy: a feasible policy one or a few grid
+        steps from it that no earlier episode evaluated (`BudgetWall.unseen_near`, as
+        evolution and random do), or the policy itself where none is near. Drawn with an RNG
+        of (seed, episode), so a replayed episode moves where the original one did."""
+        rng = np.random.default_rng([self.seed, self.episode])
+        return self.wall.unseen_near(policy, self._seen_before, rng)
+
+    def action_for(self, g, width: int) -> float:
+        """The action (in [0, 1]) with which `step` picks ``width`` for group ``g`` from the
+        current state: the inverse of its mapping, clipped to [0, 1] where no action reaches
+        the width exactly (then the action nearest it)."""
+        lo = g.min_channels
+        if self.action == "share":
+            base = {**self._smallest, **self.partial}
+            floor = self.predictor.predict({**base, g.name: g.choices[0]})
+            cost = self.predictor.predict({**base, g.name: width})
+            slack = max(0.0, self.budget_ms - floor)
+            rest = float(self.spans[self.t:].sum())
+            fair = slack * float(self.spans[self.t]) / rest if rest > 0 else slack
+            a = (cost - floor) / (2.0 * fair) if fair > 0 else 0.0
+        else:
+            top = self.wall.max_keep(self.partial, g.name) if self.action == "wall" \
+                else g.max_channels
+            a = (width - lo) / (top - lo) if top > lo else 0.0
+        return float(np.clip(a, 0.0, 1.0))
+
+    def trace(self, policy: Policy) -> list[tuple[np.ndarray, float]]:
+        """The (observation, action) of each step of an episode that builds ``policy``: the
+        transitions an agent stores for a policy it did not build itself (a moved repeat).
+        DDPG learns off-policy, so these are as good as its own. Leaves the env as it was."""
+        saved = (self.t, dict(self.partial), self.prev_action)
+        self._reset_state()
+        out = []
+        widths = policy.to_dict()
+        for g in self.space.groups:
+            obs = self._obs()
+            a = self.action_for(g, widths[g.name])
+            out.append((obs, a))
+            self.partial[g.name] = widths[g.name]
+            self.prev_action = a
+            self.t += 1
+        self.t, self.partial, self.prev_action = saved
+        return out
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -189,9 +259,15 @@ class PruningEnv(gym.Env):
         reward, info = 0.0, {}
         if done:
             policy = Policy.from_dict(self.partial)
-            cand = self.evaluate(policy, self.episode)
-            # first evaluated in this episode (not a policy an earlier episode already had)
-            info = {"candidate": cand, "new": cand.trial == self.episode}
+            repeat = self._seen_before(policy) if self.known is not None else None
+            evaluated = self._moved(policy) if repeat else policy
+            cand = self.evaluate(evaluated, self.episode)
+            # "new": first evaluated in this episode (not a policy an earlier episode had);
+            # "repeat": the agent's own policy was one an earlier episode had
+            new = cand.trial == self.episode
+            info = {"candidate": cand, "new": new, "repeat": not new if repeat is None else repeat}
+            if evaluated != policy:  # what the agent learns from: the policy evaluated
+                info["trace"] = self.trace(evaluated)
             self.episode += 1
             if self.reward_kind == "acc":
                 reward = cand.val_acc
@@ -371,6 +447,7 @@ def make_agent_class():
             self._init_hooks()
             self.episodes_done = 0
             self.candidates_new = 0  # episodes whose policy no earlier episode had
+            self.episodes_moved = 0  # episodes that repeated a policy and evaluated another
 
         def _init_hooks(self) -> None:
             self._episode: list[tuple] = []
@@ -430,6 +507,10 @@ def make_agent_class():
                 self.baseline + self.baseline_alpha * (final - self.baseline)
             advantage = np.array([final - self.baseline], dtype=np.float32)
             terminal = infos[0].get("terminal_observation")
+            if infos[0].get("trace") is not None:  # the env evaluated another policy (a move)
+                self._episode = [(obs[None], np.array([[2.0 * a - 1.0]], dtype=np.float32))
+                                 for obs, a in infos[0]["trace"]]
+                self.episodes_moved = getattr(self, "episodes_moved", 0) + 1
             for i, (obs, act) in enumerate(self._episode):
                 nxt = self._episode[i + 1][0] if i + 1 < len(self._episode) else \
                     np.asarray(terminal if terminal is not None else obs)[None]
@@ -438,8 +519,11 @@ def make_agent_class():
             self.episodes_done += 1
             new = bool(infos[0].get("new"))
             self.candidates_new += new
+            # the noise follows the agent's own policy: a repeat moved to a new neighbour is
+            # still a repeat (envs without moves say only whether the episode was new)
+            repeat = bool(infos[0].get("repeat", not new))
             if self.episodes_done > self.warmup_episodes:
-                if new:
+                if not repeat:
                     self.sigma_scaled = max(self.sigma_scaled * self.sigma_decay,
                                             self.sigma_min_scaled)
                 else:  # a repeat: the agent is stuck on policies it has tried
@@ -552,6 +636,7 @@ def make_agent_class():
         def amc_state(self) -> dict:
             return {"sigma_scaled": self.sigma_scaled, "baseline": self.baseline,
                     "episodes_done": self.episodes_done, "candidates_new": self.candidates_new,
+                    "episodes_moved": getattr(self, "episodes_moved", 0),
                     "rng": self.rng.bit_generator.state,
                     "np_global": np.random.get_state(),
                     "torch": torch.get_rng_state().numpy().tolist()}
@@ -565,6 +650,7 @@ def make_agent_class():
             self.sigma_growth = getattr(self, "sigma_growth", 0.95 ** -4)
             self.episodes_done = state["episodes_done"]
             self.candidates_new = state["candidates_new"]
+            self.episodes_moved = state.get("episodes_moved", 0)  # absent before moves
             self.rng.bit_generator.state = state["rng"]
             np.random.set_state(state["np_global"])
             torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
@@ -581,9 +667,9 @@ def check_actor_reg(value: float) -> float:
 
 class AMCSearcher(Searcher):
     """``--trials N`` = N evaluated candidates in total, as for every searcher: the agent runs
-    episodes until N of them have produced a policy no earlier episode had (an episode that
-    repeats one is served from the cache and costs no evaluation), at most
-    ``max_episodes_per_trial`` x N episodes. Checkpoints (agent, replay buffer, RNG states)
+    episodes until N of them have evaluated a policy no earlier episode had (one that repeats
+    a policy moves to a new neighbour, or with ``repeats="replay"`` is served from the cache
+    and costs no evaluation), at most ``max_episodes_per_trial`` x N episodes. Checkpoints (agent, replay buffer, RNG states)
     every ``checkpoint_every`` episodes (20) under the study's ``amc/`` folder. A checkpoint
     costs about 12 ms here (SB3's zip and two synced JSON files); every 5 episodes that was a
     tenth of amc's own time in a 300-candidate search. A resumed agent replays the episodes
@@ -595,22 +681,29 @@ class AMCSearcher(Searcher):
 
     def __init__(self, space, predictor, budget_ms, *, seed: int = 0, reward: str = "acc",
                  warmup_episodes: int = 10, action: str = "share", actor_reg: float = ACTOR_REG,
-                 checkpoint_every: int = 20):
+                 repeats: str = "move", checkpoint_every: int = 20):
         super().__init__(space, predictor, budget_ms, seed=seed)
+        if repeats not in REPEATS:
+            raise ValueError(f"repeats must be one of {REPEATS}, got {repeats!r}")
         self.reward, self.warmup_episodes, self.action = reward, warmup_episodes, action
         self.actor_reg = check_actor_reg(actor_reg)
-        self.checkpoint_every = checkpoint_every
+        self.repeats, self.checkpoint_every = repeats, checkpoint_every
 
     def options(self) -> dict:
         out = {"reward": self.reward, "warmup_episodes": self.warmup_episodes,
                "action": self.action}
         if self.actor_reg:  # absent from studies made before it existed (= 0)
             out["actor_reg"] = self.actor_reg
+        if self.repeats != "replay":  # absent from studies made before moves existed
+            out["repeats"] = self.repeats
         return out
 
-    def make_env(self, evaluate):
+    def make_env(self, evaluate, known=None):
+        """The env; ``known`` (the study's: whether a policy was evaluated) moves repeated
+        policies to new neighbours where ``repeats="move"``."""
         return PruningEnv(self.space, self.predictor, self.budget_ms, evaluate,
-                          reward=self.reward, action=self.action)
+                          reward=self.reward, action=self.action, seed=self.seed,
+                          known=known if self.repeats == "move" else None)
 
     def make_agent(self, env):
         """A fresh agent with AMC's settings (see the module's docstring for deviations)."""
@@ -646,7 +739,7 @@ class AMCSearcher(Searcher):
 
     def _run(self, ctx: SearchContext, evaluate, threads: int) -> None:
         T = len(self.space)
-        env = self.make_env(evaluate)
+        env = self.make_env(evaluate, ctx.known)
         cls = make_agent_class()
         folder = Path(ctx.state_dir)
         folder.mkdir(parents=True, exist_ok=True)
