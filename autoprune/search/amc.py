@@ -667,14 +667,15 @@ def check_actor_reg(value: float) -> float:
 
 class AMCSearcher(Searcher):
     """``--trials N`` = N evaluated candidates in total, as for every searcher: the agent runs
-    episodes until N of them have evaluated a policy no earlier episode had (one that repeats
-    a policy moves to a new neighbour, or with ``repeats="replay"`` is served from the cache
-    and costs no evaluation), at most ``max_episodes_per_trial`` x N episodes. Checkpoints (agent, replay buffer, RNG states)
-    every ``checkpoint_every`` episodes (20) under the study's ``amc/`` folder. A checkpoint
-    costs about 12 ms here (SB3's zip and two synced JSON files); every 5 episodes that was a
-    tenth of amc's own time in a 300-candidate search. A resumed agent replays the episodes
-    after its checkpoint from the candidate cache, paying their updates (~15 ms each) but no
-    evaluation, so the sparser checkpoints cost a resume well under a second."""
+    episodes until N of them have evaluated a policy no earlier episode had (one that repeats a
+    policy moves to a new neighbour, or with ``repeats="replay"`` is served from the cache and
+    costs no evaluation), at most ``max_episodes_per_trial`` x N episodes. Checkpoints (agent,
+    replay buffer, RNG states) every ``checkpoint_every`` episodes (20) under the study's
+    ``amc/`` folder. A checkpoint costs about 12 ms here (SB3's zip and two synced JSON files);
+    every 5 episodes that was a tenth of amc's own time in a 300-candidate search. A resumed
+    agent replays the episodes after its checkpoint from the candidate cache, paying their
+    updates (~15 ms each) but no evaluation, so the sparser checkpoints cost a resume well under
+    a second."""
 
     name = "amc"
     max_episodes_per_trial = 5
