@@ -36,14 +36,16 @@ def run_cli(*args, cwd=None, check=False, timeout=600):
     return proc
 
 
-def mid_budget(ckpt, tables) -> str:
-    """A ``--latency-budget`` halfway between the smallest policy and the unpruned model, on
-    the cpu-ort table in ``tables``. The digits model's latency is mostly fixed cost, so its
-    smallest policy predicts at 0.6 to 0.8 of the unpruned one, depending on the machine's
-    load while calibrating: a fixed fraction such as 0.7 is sometimes infeasible."""
+def mid_budget(ckpt, tables, at: float = 0.5) -> str:
+    """A ``--latency-budget`` halfway (or ``at`` of the way) from the smallest policy to the
+    unpruned model, on the cpu-ort table in ``tables``. The digits model's latency is mostly
+    fixed cost, so its smallest policy predicts at 0.6 to 0.8 of the unpruned one, depending on
+    the machine's load while calibrating: a fixed fraction such as 0.7 is sometimes
+    infeasible."""
     out = json.loads(run_cli("predict", "--target-device", "cpu-ort", "--weights", ckpt,
                              "--tables", tables, "--json", check=True).stdout)
-    return f"{(out['smallest_ms'] / out['full_ms'] + 1) / 2:.3f}"
+    low = out['smallest_ms'] / out['full_ms']
+    return f"{low + at * (1 - low):.3f}"
 
 
 def assert_user_error(proc, *needles):
