@@ -535,6 +535,73 @@ def _reference(study, evaluator, space, predictor) -> dict:
     return ref
 
 
+def _saved_config(root: Path) -> dict | None:
+    """A study's config.json, or None where there is none (or it is unreadable: `Study.open`
+    refuses it with the message)."""
+    path = root / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _check_budget(args, device, model, space, predictor, budget_ms: float,
+                  root: Path) -> tuple[float, dict | None]:
+    """The budget the search uses, in the predictor's ms, and the check behind it (None: the
+    table's own): ``--budget-check K`` policies the table puts at the budget are measured on
+    the device, and the budget is scaled by how far off the table is there
+    (`evaluate.check_budget`). Made once, when the study is created: a resume uses the saved
+    check, so it searches the same budget and resumes the same study."""
+    from .evaluate import budget_measurer, check_budget, near_budget_policies
+    from .latency.devices import availability
+    from .progress import bar
+
+    def saved_check():
+        saved = _saved_config(root)
+        if saved is None:
+            return None
+        made = saved.get("budget_check")
+        return (budget_ms * made["scale"] if made else budget_ms), made
+
+    if (resumed := saved_check()) is not None:
+        return resumed
+    if args.budget_check == 0:
+        return budget_ms, None
+    usable, why = availability(device)
+    if not usable:
+        _say(args, f"budget not checked on {device.name} ({why}): the table's is searched")
+        return budget_ms, None
+    policies = near_budget_policies(space, predictor, budget_ms, args.budget_check,
+                                    seed=args.seed)
+    with _backend(device, args) as backend, \
+            bar(f"check the budget on {device.name}", len(policies),
+                enabled=not args.quiet) as pbar:
+        measure = budget_measurer(backend, model, space, fraction=args.latency_budget,
+                                  budget_ms=args.latency_budget_ms,
+                                  on_measured=lambda *_: pbar.advance())
+        check = check_budget(policies, predictor, budget_ms, measure,
+                             floor_ms=predictor.min_latency())
+    if (resumed := saved_check()) is not None:  # a worker beside this one made the study
+        return resumed
+    import statistics
+
+    med = statistics.median(check.measured_over_predicted)
+    line = (f"budget checked on {device.name}: {len(policies)} policies the table puts at "
+            f"the budget measure {med:.3f} x it (median); searching to "
+            f"{budget_ms * check.scale:.4f} ms predicted (the table's {budget_ms:.4f})")
+    if check.clamped:
+        log.warning("%s, held there: the table is far off this machine near the budget; "
+                    "rebuild it with `%s`", line, _profile_command(args, "--rebuild"))
+    else:
+        _say(args, line)
+    return budget_ms * check.scale, check.to_dict()
+
+
+def _say(args, line: str) -> None:
+    if not args.quiet:
+        _console().print(line)
+
+
 def cmd_search(args) -> int:
     import datetime as _dt
 
@@ -552,6 +619,9 @@ def cmd_search(args) -> int:
                         f"{args.verify_top}")
     if not 0 <= args.verify_tolerance < 1:
         raise UserError(f"`--verify-tolerance` must be in [0, 1), got {args.verify_tolerance}")
+    if args.budget_check < 0:
+        raise UserError(f"`--budget-check` must be >= 0 (0 trusts the latency table), got "
+                        f"{args.budget_check}")
     if args.amc_actor_reg is not None:  # before any model or table is loaded
         from .search.amc import check_actor_reg
 
@@ -568,6 +638,12 @@ def cmd_search(args) -> int:
     setup = _latency_setup(loaded, args, device, quiet=args.quiet)
     space, predictor = setup.space, setup.predictor()
     budget_ms = resolve_budget(predictor, fraction=args.latency_budget, ms=args.latency_budget_ms)
+    name = args.study or (f"{loaded.spec.name.split('/')[-1].replace(':', '-')}-{device.name}-"
+                          f"{args.searcher}-" + (f"b{args.latency_budget:g}"
+                                                 if args.latency_budget is not None
+                                                 else f"{args.latency_budget_ms:g}ms"))
+    budget_ms, budget_check = _check_budget(args, device, loaded.model, space, predictor,
+                                            budget_ms, Path(args.runs) / name)
     data = _load_data(loaded)
     evaluator = Evaluator(loaded.model, data, space, predictor, budget_ms=budget_ms,
                           val_images=args.val_images, adaptive_bn=not args.no_adaptive_bn,
@@ -597,15 +673,12 @@ def cmd_search(args) -> int:
         "weights_sha256": file_sha256(loaded.weights) if loaded.weights else None,
         "weights": str(loaded.weights.resolve()) if loaded.weights else None,
         "device": device.to_dict(), "budget": budget, "budget_ms": round(budget_ms, 9),
+        "budget_check": budget_check,
         "searcher": args.searcher, "searcher_options": searcher.options(), "seed": args.seed,
         "space": _space_config(space, args, device),
         "evaluator": evaluator.describe(), "reward": args.reward,
         "versions": versions,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    name = args.study or (f"{loaded.spec.name.split('/')[-1].replace(':', '-')}-{device.name}-"
-                          f"{args.searcher}-" + (f"b{args.latency_budget:g}"
-                                                 if args.latency_budget is not None
-                                                 else f"{args.latency_budget_ms:g}ms"))
     study = Study.open(Path(args.runs) / name, config, storage_url=args.storage)
     for cand in study.candidates:
         evaluator.add_known(cand)
@@ -1290,6 +1363,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip BN recalibration of pruned candidates")
     p.add_argument("--importance", default="l1",
                    choices=("l1", "l2", "bn-scale", "fpgm", "random"))
+    p.add_argument("--budget-check", type=int, default=8, metavar="K",
+                   help="before a new study's search, measure K policies the latency table puts "
+                   "at the budget on the device, and search to the budget they say (the table "
+                   "is scaled by up to 1.25 either way there); 0: trust the table. A resumed "
+                   "study keeps the check it was made with")
     p.add_argument("--verify-top", type=int, default=10, metavar="K",
                    help="at the end, measure the best candidates on the device (at most K, most "
                    "accurate first) until one is within the budget; if none is, up to K more "

@@ -35,7 +35,9 @@ from autoprune.data import load_dataset  # noqa: E402
 from autoprune.evaluate import (  # noqa: E402
     Evaluator,
     budget_measurer,
+    check_budget,
     first_measured_fit,
+    near_budget_policies,
     policy_key,
     ranked,
     resolve_budget,
@@ -65,6 +67,10 @@ def main() -> int:
                     help="channel multiple (default: the device's; budget 0.3 on cpu-ort needs 4)")
     ap.add_argument("--tables", help="latency tables folder (a finer grid adds entries: point "
                     "this at a copy to leave latency_tables/ as shipped)")
+    ap.add_argument("--budget-check", type=int, default=8, metavar="K",
+                    help="before each search, measure K policies the table puts at the budget "
+                    "and search to the budget they say, as `autoprune search` does (0: the "
+                    "table's budget)")
     ap.add_argument("--verify-top", type=int, default=10,
                     help="measure at most this many of the best candidates (0: winner by "
                     "prediction alone)")
@@ -128,7 +134,7 @@ def main() -> int:
                                         if v is not None})
                     out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
                                             pred, backend, args.trials, options,
-                                            args.verify_top, args.keep))
+                                            args.verify_top, args.keep, args.budget_check))
                     print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
     out["summary"] = _summarise(out["runs"])
     print(json.dumps(out, indent=2))
@@ -136,7 +142,17 @@ def main() -> int:
 
 
 def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, trials, options,
-         verify_top, keep=None):
+         verify_top, keep=None, budget_check=0):
+    check = None
+    if budget_check:  # as `autoprune search` does before a new study's search
+        t0 = time.perf_counter()
+        check = check_budget(near_budget_policies(space, pred, budget_ms, budget_check,
+                                                  seed=seed),
+                             pred, budget_ms, budget_measurer(backend, model, space,
+                                                              fraction=budget_f),
+                             floor_ms=pred.min_latency())
+        check = {**check.to_dict(), "seconds": time.perf_counter() - t0}
+        budget_ms *= check["scale"]
     ev = Evaluator(model, data, space, pred, budget_ms=budget_ms, seed=seed)
     searcher = SEARCHERS[name]()(space, pred, budget_ms, seed=seed, **options)
     found = []
@@ -176,6 +192,7 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
         (folder / "candidates.jsonl").write_text("".join(c.to_json() + "\n" for c in cands))
         (folder / "measured.json").write_text(json.dumps(known, indent=1))
     return {"budget": budget_f, "searcher": name, "seed": seed, "options": options,
+            "budget_check": check, "searched_budget_ms": budget_ms,
             "evaluated": len(cands), "episodes": episodes, "episodes_moved": moved,
             "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,
             "best_predicted_val_acc": predicted_best.val_acc,

@@ -79,6 +79,9 @@ def test_bad_arguments_get_one_line():
                       "`--verify-tolerance` must be in [0, 1)")
     assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-actor-reg", "-0.1"),
                       "`--amc-actor-reg` must be >= 0")
+    assert_user_error(run_cli(*base, "--budget-check", "-2"), "`--budget-check` must be >= 0")
+    assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-repeats", "sometimes"),
+                      "invalid choice: 'sometimes'")
 
 
 def test_unknown_zoo_name():

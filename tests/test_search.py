@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -735,12 +736,72 @@ def cli_env(digits_ckpt, tmp_path_factory):
     return digits_ckpt, tables, mid_budget(digits_ckpt, tables)
 
 
-def _search_args(ckpt, tables, runs, searcher, trials, study, budget):
+def _search_args(ckpt, tables, runs, searcher, trials, study, budget, check=0):
+    """``check``: `--budget-check` (0 here by default: two studies made apart then search the
+    same budget, where a test compares them)."""
     extra = {"evolution": ["--population", "4"], "amc": ["--warmup-episodes", "3"]}
     return ["search", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", tables,
             "--latency-budget", budget, "--searcher", searcher, "--trials", str(trials),
             "--study", study, "--runs", runs, "--val-images", "200", "--quiet",
-            *extra.get(searcher, [])]
+            "--budget-check", str(check), *extra.get(searcher, [])]
+
+
+def test_a_new_study_checks_its_budget_on_the_device_and_a_resume_keeps_it(cli_env, tmp_path):
+    """`--budget-check K`: K policies the table puts at the budget are measured on the device
+    (onnxruntime here) and the search's budget, in predicted ms, is the table's scaled by the
+    median of predicted over measured; the study keeps it, and a resume searches the same
+    budget without measuring again."""
+    ckpt, tables, budget = cli_env
+    runs = tmp_path / "runs"
+    args = _search_args(ckpt, tables, runs, "random", 4, "c", budget, check=3)
+    run_cli(*args, check=True)
+    config = json.loads((runs / "c" / "config.json").read_text())
+    made = config["budget_check"]
+    ratios = made["measured_over_predicted"]
+    assert len(ratios) == 3 and all(r > 0 for r in ratios)
+    if not made["clamped"]:
+        assert made["scale"] == pytest.approx(1 / statistics.median(ratios))
+    assert 1 / 1.25 <= made["scale"] <= 1.25
+    assert config["budget_ms"] == round(made["table_budget_ms"] * made["scale"], 9)
+    first = _lines(runs / "c" / "candidates.jsonl")
+    assert all(json.loads(x)["latency_ms"] <= config["budget_ms"] * (1 + 1e-9) for x in first)
+    # resumed with more trials (and another K, which a made study ignores): same budget
+    args[args.index("--trials") + 1], args[args.index("--budget-check") + 1] = "6", "5"
+    run_cli(*args, check=True)
+    assert json.loads((runs / "c" / "config.json").read_text()) == config
+    after = _lines(runs / "c" / "candidates.jsonl")
+    assert after[:len(first)] == first and len(after) == 6
+    # without a check the table's own budget is searched, and the config says so
+    run_cli(*_search_args(ckpt, tables, runs, "random", 2, "t", budget), check=True)
+    plain = json.loads((runs / "t" / "config.json").read_text())
+    assert plain["budget_check"] is None
+    assert plain["budget_ms"] == round(made["table_budget_ms"], 9)
+
+
+def test_budget_check_scales_the_budget_by_what_the_device_measures(setup):
+    """`check_budget` on policies `near_budget_policies` draws: the budget is scaled by the
+    median of predicted over measured, within 1/1.25 to 1.25, and never below the space's
+    floor. The device here is the predictor itself, off by a known factor, so the scale can
+    be checked exactly."""
+    from autoprune.evaluate import check_budget, near_budget_policies
+
+    _, space, pred, budget, _ = setup
+    policies = near_budget_policies(space, pred, budget, 6, seed=0)
+    assert len(set(policies)) == 6
+    assert all(0.8 * budget <= pred.predict(p) <= budget * (1 + 1e-9) for p in policies)
+    assert policies == near_budget_policies(space, pred, budget, 6, seed=0)  # seeded
+
+    def device(factor):
+        return lambda p: {"over_budget": factor * pred.predict(p) / budget}
+
+    for factor, scale in ((0.95, 1 / 0.95), (1.1, 1 / 1.1), (2.0, 1 / 1.25), (0.5, 1.25)):
+        got = check_budget(policies, pred, budget, device(factor))
+        assert got.scale == pytest.approx(scale)
+        assert got.clamped == (factor in (2.0, 0.5))
+        assert got.measured_over_predicted == pytest.approx([factor] * 6)
+    # a device slower than the table by 1.2 at a budget just above the floor: held there
+    got = check_budget(policies, pred, budget, device(1.2), floor_ms=0.99 * budget)
+    assert got.scale == pytest.approx(0.99) and got.clamped
 
 
 def _lines(path):
@@ -772,6 +833,8 @@ def _kill_midway(args, log, at_least):
                                                      ("amc", 28, 23)])
 def test_resume_after_sigkill(cli_env, tmp_path, searcher, trials, kill_at):
     ckpt, tables, budget = cli_env
+    if searcher == "amc":  # a tighter budget: more episodes repeat a policy, and move
+        budget = mid_budget(ckpt, tables, at=0.05)
     runs = tmp_path / "runs"
     args = _search_args(ckpt, tables, runs, searcher, trials, "s", budget)
     log = runs / "s" / "candidates.jsonl"
