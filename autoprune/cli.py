@@ -597,6 +597,16 @@ def _check_budget(args, device, model, space, predictor, budget_ms: float,
     return budget_ms * check.scale, check.to_dict()
 
 
+def _budget_words(config: dict) -> str:
+    """The budget a study searched, for a summary's title: in predicted ms, and where the
+    check on the device moved it, the table's own beside it."""
+    made = config.get("budget_check")
+    words = f"{config['budget_ms']:.4f} ms"
+    if made:
+        words += f" predicted (checked on the device; the table's {made['table_budget_ms']:.4f})"
+    return words
+
+
 def _say(args, line: str) -> None:
     if not args.quiet:
         _console().print(line)
@@ -728,7 +738,7 @@ def cmd_search(args) -> int:
     console = _console()
     console.print(_summary_table(
         f"study {name}: {len(study.candidates)} candidates ({resumed} from before), budget "
-        f"{budget_ms:.4f} ms on {device.name}",
+        f"{_budget_words(study.config)} on {device.name}",
         [(f"best ({best_c.searcher})", best_c), ("uniform", reference["uniform"]),
          ("unpruned", reference["unpruned"])], full_ms, study))
     console.print(verdict)
@@ -855,7 +865,7 @@ def cmd_report(args) -> int:
     console = _console()
     console.print(_summary_table(
         f"study {args.study}: {len(study.candidates)} candidates, budget "
-        f"{study.config['budget_ms']:.4f} ms on {study.config['device']['name']}",
+        f"{_budget_words(study.config)} on {study.config['device']['name']}",
         [(f"best ({best.searcher})", best), ("uniform", reference["uniform"]),
          ("unpruned", reference["unpruned"])], reference["unpruned"].latency_ms, study))
     console.print(", ".join(f"{k} {v}" for k, v in paths.items()))
