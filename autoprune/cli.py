@@ -1167,7 +1167,8 @@ def cmd_export(args) -> int:
                 "test_acc_after_finetune": None if finetune is None
                 else evaluate(pruned, data.test)}
     report = build_report(study=name, device=study.config["device"],
-                          budget_ms=study.config["budget_ms"], policy=policy.to_dict(),
+                          budget_ms=study.config["budget_ms"],
+                          budget=study.config.get("budget"), policy=policy.to_dict(),
                           searcher=cand.searcher if cand else None, unpruned=unpruned,
                           pruned=pruned_d, artefacts=artefacts, finetune=finetune)
     json_path, md_path = write_report(report, out_dir)

@@ -141,6 +141,17 @@ def test_report_fields_are_present_and_consistent(chain):
     for needle in ("latency, measured", "speedup, predicted", "test accuracy, after fine-tune",
                    "model.onnx", "model.so", "model.pt2"):
         assert needle in md
+    # judged against the user's budget, not the one the search used (which the check on the
+    # device scaled: this chain's search made one)
+    config = json.loads((chain["runs"] / "s" / "config.json").read_text())
+    assert config["budget_check"] is not None
+    b = r["budget"]
+    assert b["fraction"] == config["budget"]["fraction"]
+    assert b["ms_predicted"] == config["budget_ms"]
+    assert b["measured_fraction"] == pytest.approx(p["latency"]["median_ms"]
+                                                   / u["latency"]["median_ms"])
+    assert b["met_measured"] == (b["measured_fraction"] <= 1.05 * b["fraction"])
+    assert f"against a budget of {b['fraction']:.3f}" in md
 
 
 def test_finetune_resumes_after_sigkill(chain):

@@ -225,14 +225,16 @@ def test_a_repeat_moves_to_a_feasible_neighbour_not_yet_evaluated(setup):
 def test_searchers_evaluate_a_new_policy_each_trial_at_a_tight_budget(setup, digits, tmp_path,
                                                                       name):
     """A twentieth of the way from the smallest policy to the unpruned model few policies fit,
-    and projection sends many proposals onto the same ones: without being told which were
-    evaluated, the searcher repeats some (served from the cache, a trial with no new
-    candidate); told, every trial evaluates a new policy."""
+    and projection sends many proposals onto the same ones: told which were evaluated, every
+    trial evaluates a new policy. Untold, NSGA-II repeats some (its children repeat their
+    parents' policies; served from the cache, a trial with no new candidate). random's
+    independent draws collide only by chance (0 to a few in 24, by the table's calibration:
+    none once in CI), so only its told run is checked."""
     model, space, pred, _, _ = setup
     lo, hi = pred.min_latency(), pred.max_latency()
     tight = lo + 0.05 * (hi - lo)
     distinct = {}
-    for known in (False, True):
+    for known in (False, True) if name == "evolution" else (True,):
         ev = Evaluator(model, digits, space, pred, budget_ms=tight, val_images=50, bn_batches=1)
         options = {"population": 4} if name == "evolution" else {}
         searcher = SEARCHERS[name]()(space, pred, tight, seed=0, **options)
@@ -241,7 +243,9 @@ def test_searchers_evaluate_a_new_policy_each_trial_at_a_tight_budget(setup, dig
         searcher.run(ctx)
         assert len(found) == 24 and all(c.feasible for c in found)
         distinct[known] = len({c.policy for c in found})
-    assert distinct[False] < 24 and distinct[True] == 24, distinct
+    assert distinct[True] == 24, distinct
+    if name == "evolution":
+        assert distinct[False] < 24, distinct
 
 
 @pytest.mark.parametrize("name,n", [("uniform", 3), ("random", 6), ("evolution", 8),
