@@ -251,12 +251,8 @@ class BudgetCheck:
     measured_over_predicted: list[float]  # per policy: measured ÷ predicted, over the budget
     clamped: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:  # config.json's ``budget_check``
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BudgetCheck:
-        return cls(**d)
 
 
 BUDGET_CHECK_LIMIT = 1.25  # the most the check moves the budget, either way

@@ -172,15 +172,23 @@ class PruningEnv(gym.Env):
         narrower one that does not: with the later groups at their minimum these are the
         wall's own predictions, so no other check is needed (and where costs are monotone
         this is the wall's widest width, as AMC clips)."""
+        costs, floor, slack, fair = self._share_terms(g)
+        spend = min(slack, 2.0 * a * fair)
+        keep = min(g.choices, key=lambda c: (abs(costs[c] - floor - spend), c))
+        return self.wall.clip(self.partial, g.name, keep, costs)
+
+    def _share_terms(self, g) -> tuple[dict[int, float], float, float, float]:
+        """For group ``g`` at the current step: the predicted latency of the policy so far with
+        each width of ``g`` and the later groups at their minimum, the floor (``g`` at its
+        minimum too), the slack the budget leaves above it, and ``g``'s fair share of that
+        slack (in proportion to what it can add, of what the groups left can add)."""
         base = {**self._smallest, **self.partial}  # this group and the later at their minimum
         costs = self.predictor.sweep(base, g.name)
         floor = costs[g.choices[0]]  # = the prediction of ``base`` itself
         slack = max(0.0, self.budget_ms - floor)
         rest = float(self.spans[self.t:].sum())
         fair = slack * float(self.spans[self.t]) / rest if rest > 0 else slack
-        spend = min(slack, 2.0 * a * fair)
-        keep = min(g.choices, key=lambda c: (abs(costs[c] - floor - spend), c))
-        return self.wall.clip(self.partial, g.name, keep, costs)
+        return costs, floor, slack, fair
 
     def _seen_before(self, policy: Policy) -> bool:
         """Whether an earlier episode evaluated ``policy``. Asked of the study's log by the
@@ -204,13 +212,8 @@ class PruningEnv(gym.Env):
         the width exactly (then the action nearest it)."""
         lo = g.min_channels
         if self.action == "share":
-            base = {**self._smallest, **self.partial}
-            floor = self.predictor.predict({**base, g.name: g.choices[0]})
-            cost = self.predictor.predict({**base, g.name: width})
-            slack = max(0.0, self.budget_ms - floor)
-            rest = float(self.spans[self.t:].sum())
-            fair = slack * float(self.spans[self.t]) / rest if rest > 0 else slack
-            a = (cost - floor) / (2.0 * fair) if fair > 0 else 0.0
+            costs, floor, _, fair = self._share_terms(g)
+            a = (costs[width] - floor) / (2.0 * fair) if fair > 0 else 0.0
         else:
             top = self.wall.max_keep(self.partial, g.name) if self.action == "wall" \
                 else g.max_channels
