@@ -533,24 +533,30 @@ def test_amc_moving_repeats_evaluates_a_new_policy_nearly_every_episode(setup, d
                                                                        tmp_path):
     """``repeats="move"`` (the default): N candidates take about N episodes, each followed by
     one DDPG update; served from the cache (AMC), the same N take more episodes and updates
-    at a tight budget (a twentieth of the way from the smallest policy to the unpruned
-    model). Either way the study gets N distinct feasible candidates."""
+    wherever the agent repeats a policy, as it does at a tight budget (a twentieth of the way
+    from the smallest policy to the unpruned model). Either way the study gets N distinct
+    feasible candidates."""
     model, space, pred, _, _ = setup
     lo, hi = pred.min_latency(), pred.max_latency()
     tight = lo + 0.05 * (hi - lo)
-    episodes = {}
+    episodes, moved, n = {}, {}, 32
     for repeats in ("move", "replay"):
         ev = Evaluator(model, digits, space, pred, budget_ms=tight, val_images=50, bn_batches=1)
-        ctx, found = _ctx(ev, 16, tmp_path / repeats, known=True)
+        ctx, found = _ctx(ev, n, tmp_path / repeats, known=True)
         searcher = SEARCHERS["amc"]()(space, pred, tight, seed=0, warmup_episodes=2,
                                       repeats=repeats)
         assert searcher.options().get("repeats") == (repeats if repeats == "move" else None)
         searcher.run(ctx)
-        assert len({c.policy for c in found}) == len(found) == 16
+        assert len({c.policy for c in found}) == len(found) == n
         assert all(c.feasible for c in found)
         ckpt = ctx.state_dir / json.loads((ctx.state_dir / "latest.json").read_text())["dir"]
-        episodes[repeats] = json.loads((ckpt / "state.json").read_text())["episodes_done"]
-    assert episodes["move"] <= 16 + 1 < episodes["replay"], episodes
+        state = json.loads((ckpt / "state.json").read_text())
+        episodes[repeats], moved[repeats] = state["episodes_done"], state["episodes_moved"]
+    assert episodes["move"] <= n + 1 and moved["replay"] == 0, (episodes, moved)
+    # how many episodes repeat depends on the table's calibration (measured by the fixture):
+    # where the agent repeated any policy, moving took fewer episodes than replaying
+    if episodes["replay"] > n:
+        assert moved["move"] > 0 and episodes["move"] < episodes["replay"], (episodes, moved)
 
 
 def test_amc_noise_decays_on_new_policies_and_grows_on_repeats(setup):
