@@ -533,13 +533,19 @@ def test_amc_moving_repeats_evaluates_a_new_policy_nearly_every_episode(setup, d
                                                                        tmp_path):
     """``repeats="move"`` (the default): N candidates take about N episodes, each followed by
     one DDPG update; served from the cache (AMC), the same N take more episodes and updates
-    wherever the agent repeats a policy, as it does at a tight budget (a twentieth of the way
-    from the smallest policy to the unpruned model). Either way the study gets N distinct
-    feasible candidates."""
+    wherever the agent repeats a policy, as it does at a tight budget. Moving gets N distinct
+    feasible candidates; replaying gets distinct feasible ones but can stall and stop at its
+    episode cap short of N."""
     model, space, pred, _, _ = setup
-    lo, hi = pred.min_latency(), pred.max_latency()
-    tight = lo + 0.05 * (hi - lo)
-    episodes, moved, n = {}, {}, 32
+    # tight, but with thousands of feasible policies whatever the table's shape: the latency
+    # that 1 in 500 uniform random policies meet. A fixed fraction of the way from the
+    # smallest policy to the unpruned model (0.05) depends on the measured table's shape: on
+    # this machine 0.01 leaves so few feasible policies that moving runs out at 18
+    rng = np.random.default_rng(0)
+    draws = [pred.predict(Policy(tuple((g, int(rng.choice(space.group(g).choices)))
+                                       for g in space.names))) for _ in range(2000)]
+    tight = float(np.quantile(draws, 0.002))
+    episodes, moved, got, n = {}, {}, {}, 32
     for repeats in ("move", "replay"):
         ev = Evaluator(model, digits, space, pred, budget_ms=tight, val_images=50, bn_batches=1)
         ctx, found = _ctx(ev, n, tmp_path / repeats, known=True)
@@ -547,16 +553,23 @@ def test_amc_moving_repeats_evaluates_a_new_policy_nearly_every_episode(setup, d
                                       repeats=repeats)
         assert searcher.options().get("repeats") == (repeats if repeats == "move" else None)
         searcher.run(ctx)
-        assert len({c.policy for c in found}) == len(found) == n
+        assert len({c.policy for c in found}) == len(found) <= n
         assert all(c.feasible for c in found)
         ckpt = ctx.state_dir / json.loads((ctx.state_dir / "latest.json").read_text())["dir"]
         state = json.loads((ckpt / "state.json").read_text())
         episodes[repeats], moved[repeats] = state["episodes_done"], state["episodes_moved"]
-    assert episodes["move"] <= n + 1 and moved["replay"] == 0, (episodes, moved)
-    # how many episodes repeat depends on the table's calibration (measured by the fixture):
-    # where the agent repeated any policy, moving took fewer episodes than replaying
-    if episodes["replay"] > n:
-        assert moved["move"] > 0 and episodes["move"] < episodes["replay"], (episodes, moved)
+        got[repeats] = len(found)
+        if got[repeats] < n:  # gave up: only where the episodes ran out
+            assert episodes[repeats] == searcher.max_episodes_per_trial * n, (episodes, got)
+    assert got["move"] == n and episodes["move"] <= n + 1, (episodes, got)
+    assert moved["replay"] == 0, moved
+    # how many episodes repeat depends on the table's calibration (measured by the fixture),
+    # and replaying can stall on a few policies (it did in CI: 16 in 160 episodes). Both runs
+    # follow the same path up to the first repeat, so where replaying repeated a policy,
+    # moving moved one, and it spent fewer episodes per new candidate
+    if episodes["replay"] > got["replay"]:
+        assert moved["move"] > 0, (episodes, moved, got)
+        assert episodes["move"] / n < episodes["replay"] / got["replay"], (episodes, got)
 
 
 def test_amc_noise_decays_on_new_policies_and_grows_on_repeats(setup):
