@@ -18,6 +18,11 @@ budget 0.3; measured speedup within 5% of predicted. Rows measured while the mac
 (a latency IQR over 5% of its median) are listed under ``checks[...]["noisy_measurements"]``:
 run the same command again to measure them again (``--methods`` can name just those).
 
+A progress bar (or, in a log file, a line per run) follows the runs on stderr; at the end the
+results also go to stderr as Markdown tables, and a plot of test accuracy against measured
+latency to ``end_to_end.png`` in ``--runs`` (``--plot``). ``--render OUT.json ...`` prints the
+tables and draws the plot of earlier runs' JSON outputs without running anything.
+
     python bench/end_to_end.py --models resnet20 --budgets 0.5 --trials 60 --epochs 2
     python bench/end_to_end.py --models resnet20,resnet56 --budgets 0.5,0.3 \\
         --weights resnet56=runs/resnet56-fashion-mnist.pt --trials 300 --epochs 10 \
@@ -74,7 +79,10 @@ def run_searched(method, weights, budget, seed, a) -> dict:
     if e.returncode != 0:
         return {"method": method, "study": study, "error": e.stderr.strip()}
     r = json.loads(e.stdout)
+    check = json.loads((ROOT / a.runs / study / "config.json").read_text()).get("budget_check")
     return {"method": method, "study": study,
+            # the searched budget in predicted ms = the table's x this (None: table trusted)
+            "budget_check_scale": check["scale"] if check else None,
             "test_acc_before_finetune": r["pruned"]["test_acc_before_finetune"],
             "test_acc": r["pruned"]["test_acc_after_finetune"],
             "unpruned_test_acc": r["unpruned"]["test_acc"],
@@ -163,6 +171,63 @@ def run_tp_global(weights, budget, seed, a) -> dict:
             "search_s": search_s, "finetune_s": finetune_s}
 
 
+ORDER = {"evolution": 0, "amc": 1, "uniform": 2, "tp-global": 3}
+
+
+def _rows(results):
+    """``(model@budget, rows)`` in the order of the runs, each group's rows by method then seed."""
+    groups = {}
+    for r in results:
+        groups.setdefault(f"{r['model']}@{r['budget']:g}", []).append(r)
+    for key, rs in groups.items():
+        yield key, sorted(rs, key=lambda r: (ORDER.get(r.get("method"), 9), r.get("seed", 0)))
+
+
+def table(results) -> str:
+    """The results as Markdown, one table per model and budget (as bench/README.md shows them)."""
+    out = []
+    for key, rs in _rows(results):
+        out += [f"**{key}**", "",
+                "| method | seed | test acc before → after fine-tune | measured pruned / "
+                "unpruned ms (fraction) | speedup measured (predicted), off | budget check |",
+                "|---|---|---|---|---|---|"]
+        for r in rs:
+            head = f"| {r.get('method', '?')} | {r.get('seed', '–')} |"
+            if "test_acc" not in r:
+                why = r.get("skipped") or r.get("error") or "?"
+                out.append(f"{head} {why.splitlines()[-1] if why else '?'} | | | |")
+                continue
+            pred = r.get("speedup_predicted")
+            off = r.get("speedup_error_pct")
+            speed = f"{r['speedup_measured']:.2f}x (" + \
+                (f"{pred:.2f}x), {abs(off):.1f}%" if pred else "no predictor)")
+            scale = r.get("budget_check_scale")
+            pruned, full = r["measured_ms"]["median_ms"], r["unpruned_measured_ms"]["median_ms"]
+            out.append(
+                f"{head} {r['test_acc_before_finetune']:.2%} → {r['test_acc']:.2%} | "
+                f"{pruned:.4f} / {full:.4f} ({r['measured_fraction']:.3f}) | {speed} | "
+                f"{f'x{scale:.3f}' if scale else '–'} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(results, path: Path) -> Path | None:
+    """Test accuracy after fine-tune against measured latency (a fraction of the unpruned
+    model's), one panel per model and budget."""
+    from _plots import panels
+
+    groups = []
+    for key, rs in _rows(results):
+        by = {}
+        for r in rs:
+            if "test_acc" in r:
+                by.setdefault(r["method"], []).append((r["measured_fraction"],
+                                                       r["test_acc"] * 100))
+        groups.append((key, rs[0]["budget"], by))
+    return panels(groups, path, xlabel="measured latency / unpruned",
+                  ylabel="test accuracy after fine-tune (%)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet20,resnet56")
@@ -183,28 +248,62 @@ def main() -> int:
                    help="tp-global: pruning ratios tried, evenly up to 0.9")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-e2e"))
+    p.add_argument("--plot", help="where the plot goes (default: end_to_end.png in --runs)")
+    p.add_argument("--render", metavar="JSON", nargs="+",
+                   help="run nothing: print the table of earlier runs' JSON outputs (one or "
+                   "more, merged) and write their plot (default: beside the first)")
     a = p.parse_args()
+    if a.render:
+        results = []
+        for f in a.render:
+            try:
+                results += json.loads(Path(f).read_text())["results"]
+            except OSError as e:
+                print(f"end_to_end.py: error: --render {f}: cannot read it ({e.strerror}); "
+                      "pass a file an earlier run printed", file=sys.stderr)
+                return 2
+            except (ValueError, KeyError, TypeError) as e:
+                print(f"end_to_end.py: error: --render {f}: not this script's JSON output "
+                      f"({type(e).__name__}: {e}); pass a file an earlier run printed",
+                      file=sys.stderr)
+                return 2
+        print(table(results))
+        where = plot(results, Path(a.plot or Path(a.render[0]).with_suffix(".png")))
+        if where:
+            print(f"plot: {where}")
+        return 0
     weights = dict(SHIPPED)
     for w in a.weights:
         name, _, path = w.partition("=")
         weights[name] = Path(path)
+    from autoprune.progress import bar
+
     results = []
-    for model in a.models.split(","):
-        for budget in (float(b) for b in a.budgets.split(",")):
-            for seed in (int(s) for s in a.seeds.split(",")):
-                w = weights.get(model)
-                if w is None or not Path(w).is_file():
-                    results.append({"model": model, "budget": budget, "seed": seed,
-                                    "skipped": f"no trained {model} checkpoint; train one with "
-                                    f"`autoprune train --model {model} --epochs 30 --out "
-                                    f"{model}.pt` and pass --weights {model}={model}.pt"})
-                    continue
-                for method in a.methods.split(","):
-                    r = run_tp_global(w, budget, seed, a) if method == "tp-global" else \
-                        run_searched(method, w, budget, seed, a)
-                    results.append({"model": model, "budget": budget, "seed": seed, **r})
-                    log(json.dumps({k: v for k, v in results[-1].items()
-                                    if k not in ("policy", "channels")}))
+    models, methods = a.models.split(","), a.methods.split(",")
+    budgets = [float(b) for b in a.budgets.split(",")]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    with bar("end_to_end", len(models) * len(budgets) * len(seeds) * len(methods),
+             enabled=True, fields="{task.fields[last]}") as progress:
+        for model in models:
+            for budget in budgets:
+                for seed in seeds:
+                    w = weights.get(model)
+                    if w is None or not Path(w).is_file():
+                        results.append({"model": model, "budget": budget, "seed": seed,
+                                        "skipped": f"no trained {model} checkpoint; train one "
+                                        f"with `autoprune train --model {model} --epochs 30 "
+                                        f"--out {model}.pt` and pass --weights "
+                                        f"{model}={model}.pt"})
+                        progress.advance(len(methods), last=f"{model}: skipped")
+                        continue
+                    for method in methods:
+                        r = run_tp_global(w, budget, seed, a) if method == "tp-global" else \
+                            run_searched(method, w, budget, seed, a)
+                        results.append({"model": model, "budget": budget, "seed": seed, **r})
+                        log(json.dumps({k: v for k, v in results[-1].items()
+                                        if k not in ("policy", "channels")}))
+                        done = f"{r['test_acc']:.2%}" if "test_acc" in r else "failed"
+                        progress.advance(last=f"{model}@{budget:g} {method} s{seed}: {done}")
     summary = {}
     for r in results:
         if "test_acc" not in r:
@@ -238,8 +337,13 @@ def main() -> int:
                 f"{', '.join(noisy)}: the machine was busy; run the same command again to "
                 "measure again")
         checks[key] = c
+    where = plot(results, Path(a.plot) if a.plot else ROOT / a.runs / "end_to_end.png")
+    if where:
+        log(f"plot: {where}")
+    print("\n" + table(results), file=sys.stderr)
     print(json.dumps({"command": " ".join(sys.argv), "config": vars(a), "results": results,
-                      "checks": checks}, indent=2, default=str))
+                      "checks": checks, "plot": str(where) if where else None}, indent=2,
+                     default=str))
     return 0
 
 

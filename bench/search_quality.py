@@ -12,6 +12,11 @@ most accurate feasible candidate that also measures within 1.05 x budget on the 
 best predicted ones are measured in turn, at most --verify-top; `best_predicted_val_acc` is
 the winner by prediction alone). The measured check's time is reported apart (`verify_s`).
 
+A progress bar (in a log file, a line every 15 s) counts candidates on stderr; at the end a
+Markdown table per budget goes to stderr and a plot of the winners (val accuracy against
+measured latency) to ``search_quality.png`` (``--plot``). ``--render OUT.json ...`` prints the
+tables and draws the plot of earlier runs' JSON outputs without running anything.
+
 Targets (issue 4): both searchers beat uniform and random at both budgets (mean over seeds);
 measured latency <= 1.05 x budget for every winner; one evaluation <= 1.5 s; searcher overhead
 <= 5% of wall time.
@@ -47,6 +52,7 @@ from autoprune.latency.devices import get_device  # noqa: E402
 from autoprune.latency.profile import build_table, measure_pruned, model_key  # noqa: E402
 from autoprune.latency.table import table_path  # noqa: E402
 from autoprune.models import ModelSpec, build_model, load_state, read_checkpoint  # noqa: E402
+from autoprune.progress import bar  # noqa: E402
 from autoprune.search import SEARCHERS, SearchContext  # noqa: E402
 from autoprune.space import SearchSpace, SpaceSpec  # noqa: E402
 
@@ -89,7 +95,31 @@ def main() -> int:
                     "through autograd (its reference, to time the difference in a search)")
     ap.add_argument("--keep", help="write each run's candidates (JSON lines) and the measured "
                     "check's measurements under this folder, to look into a winner afterwards")
+    ap.add_argument("--plot", help="where the plot goes (default: search_quality.png in the "
+                    "current folder)")
+    ap.add_argument("--render", metavar="JSON", nargs="+",
+                    help="run nothing: print the tables of earlier runs' JSON outputs (one or "
+                    "more, merged) and write their plot (default: beside the first)")
     args = ap.parse_args()
+    if args.render:
+        runs = []
+        for f in args.render:
+            try:
+                runs += json.loads(Path(f).read_text())["runs"]
+            except OSError as e:
+                print(f"search_quality.py: error: --render {f}: cannot read it ({e.strerror}); "
+                      "pass a file an earlier run printed", file=sys.stderr)
+                return 2
+            except (ValueError, KeyError, TypeError) as e:
+                print(f"search_quality.py: error: --render {f}: not this script's JSON output "
+                      f"({type(e).__name__}: {e}); pass a file an earlier run printed",
+                      file=sys.stderr)
+                return 2
+        print(table(runs))
+        where = plot(runs, Path(args.plot or Path(args.render[0]).with_suffix(".png")))
+        if where:
+            print(f"plot: {where}")
+        return 0
     torch.set_num_threads(args.threads)
     if args.amc_update == "autograd":
         from autoprune.search.amc import make_agent_class
@@ -121,28 +151,77 @@ def main() -> int:
         out["unpruned"] = {"predicted_ms": pred.max_latency(), "measured_ms": full_measured,
                            "smallest_predicted_fraction": pred.min_latency() /
                            pred.max_latency()}
-        for budget_f in map(float, args.budgets.split(",")):
-            budget_ms = resolve_budget(pred, fraction=budget_f)
-            for name in args.searchers.split(","):
-                for seed in map(int, args.seeds.split(",")):
-                    options = {"population": 32} if name == "evolution" else {}
-                    if name == "amc":
-                        options.update({k: v for k, v in (("warmup_episodes", args.amc_warmup),
-                                                          ("action", args.amc_action),
-                                                          ("actor_reg", args.amc_actor_reg),
-                                                          ("repeats", args.amc_repeats))
-                                        if v is not None})
-                    out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data, space,
-                                            pred, backend, args.trials, options,
-                                            args.verify_top, args.keep, args.budget_check))
-                    print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
+        budgets = [float(b) for b in args.budgets.split(",")]
+        names, seeds = args.searchers.split(","), [int(s) for s in args.seeds.split(",")]
+        with bar("search_quality", len(budgets) * len(names) * len(seeds) * args.trials,
+                 enabled=True, fields="{task.fields[run]}") as progress:
+            for budget_f in budgets:
+                budget_ms = resolve_budget(pred, fraction=budget_f)
+                for name in names:
+                    for seed in seeds:
+                        options = {"population": 32} if name == "evolution" else {}
+                        if name == "amc":
+                            options.update({k: v for k, v in (
+                                ("warmup_episodes", args.amc_warmup), ("action", args.amc_action),
+                                ("actor_reg", args.amc_actor_reg), ("repeats", args.amc_repeats))
+                                if v is not None})
+                        progress.update(run=f"{name} b{budget_f:g} s{seed}")
+                        out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data,
+                                                space, pred, backend, args.trials, options,
+                                                args.verify_top, args.keep, args.budget_check,
+                                                progress))
+                        print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
     out["summary"] = _summarise(out["runs"])
+    out["plot"] = str(plot(out["runs"], Path(args.plot or "search_quality.png")))
+    print("\n" + table(out["runs"]), file=sys.stderr)
     print(json.dumps(out, indent=2))
     return 0
 
 
+def table(runs) -> str:
+    """Per budget: each searcher's mean over seeds and its seeds' winners, as Markdown."""
+    out = []
+    for budget in sorted({r["budget"] for r in runs}, reverse=True):
+        out += [f"**budget {budget:g}**", "",
+                "| searcher | mean val acc | per seed | measured / budget (max) | overhead | "
+                "episodes (moved) |", "|---|---|---|---|---|---|"]
+        by = {}
+        for r in runs:
+            if r["budget"] == budget:
+                by.setdefault(r["searcher"], []).append(r)
+        for name, rs in sorted(by.items(), key=lambda kv: -statistics.mean(
+                r["best_val_acc"] for r in kv[1])):
+            seeds = ", ".join(f"{r['best_val_acc']:.2%}" for r in sorted(rs,
+                                                                        key=lambda r: r["seed"]))
+            eps = ", ".join(f"{r['episodes']} ({r['episodes_moved'] or 0})" for r in rs
+                            if r.get("episodes") is not None) or "–"
+            out.append(f"| {name} | {statistics.mean(r['best_val_acc'] for r in rs):.2%} | "
+                       f"{seeds} | {max(r['measured_over_budget'] for r in rs):.3f} | "
+                       f"{statistics.mean(r['searcher_overhead_pct'] for r in rs):.1f}% | "
+                       f"{eps} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(runs, path: Path) -> Path | None:
+    """Each winner's val accuracy against its measured latency (a fraction of the unpruned
+    model's), one panel per budget."""
+    from _plots import panels
+
+    groups = []
+    for budget in sorted({r["budget"] for r in runs}, reverse=True):
+        by = {}
+        for r in runs:
+            if r["budget"] == budget:
+                by.setdefault(r["searcher"], []).append(
+                    (r["measured_ms"] / r["measured_unpruned_ms"], r["best_val_acc"] * 100))
+        groups.append((f"budget {budget:g}", budget, by))
+    return panels(groups, path, xlabel="winner's measured latency / unpruned",
+                  ylabel="winner's val accuracy, no fine-tune (%)")
+
+
 def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, trials, options,
-         verify_top, keep=None, budget_check=0):
+         verify_top, keep=None, budget_check=0, progress=None):
     check = None
     if budget_check:  # as `autoprune search` does before a new study's search
         t0 = time.perf_counter()
@@ -156,14 +235,22 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
     ev = Evaluator(model, data, space, pred, budget_ms=budget_ms, seed=seed)
     searcher = SEARCHERS[name]()(space, pred, budget_ms, seed=seed, **options)
     found = []
+
+    def found_one(candidate):
+        found.append(candidate)
+        if progress:
+            progress.advance()
+
     with tempfile.TemporaryDirectory() as tmp:
         ctx = SearchContext(evaluate=lambda p, t: ev.evaluate(p, searcher=name, trial=t),
                             n_trials=trials, seed=seed, state_dir=Path(tmp) / "amc",
                             storage_url=f"sqlite:///{tmp}/optuna.db", study_name="bench",
-                            on_candidate=found.append, known=lambda p: p in ev.cache)
+                            on_candidate=found_one, known=lambda p: p in ev.cache)
         t0 = time.perf_counter()
         searcher.run(ctx)
         wall = time.perf_counter() - t0
+        if progress:  # uniform's ladder (or a stalled amc) stops short of the trials
+            progress.advance(max(0, trials - len(found)))
         # amc: episodes run (some repeated a policy: served from the cache, or moved to a new
         # neighbour, ``moved``, with ``--amc-repeats move``)
         episodes = moved = None

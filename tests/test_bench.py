@@ -1,0 +1,101 @@
+"""The benchmark scripts run end to end on the tiny digits model: JSON on stdout, Markdown tables
+on stderr, a plot, and ``--render`` drawing the same tables again from the JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, mid_budget, run_cli
+
+
+def _bench(script, *args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _table(stderr: str) -> str:
+    """The Markdown tables printed at the end of a run (after the progress and log lines)."""
+    return stderr[stderr.index("\n**") + 1:].strip()
+
+
+def _is_png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bench_env(digits_ckpt, tmp_path_factory):
+    tables = tmp_path_factory.mktemp("bench-tables")
+    run_cli("profile", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables",
+            tables, "--calibrate", "3", "--quiet", check=True)
+    return digits_ckpt, tables, mid_budget(digits_ckpt, tables)
+
+
+@pytest.mark.slow
+def test_search_quality_reports_json_table_and_plot(bench_env, tmp_path):
+    ckpt, tables, budget = bench_env
+    proc = _bench("search_quality.py", "--weights", ckpt, "--tables", tables, "--budgets", budget,
+                  "--searchers", "random,uniform", "--seeds", "0", "--trials", "6",
+                  "--threads", "1", "--verify-top", "2", "--budget-check", "2",
+                  "--plot", tmp_path / "q.png")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    runs = {r["searcher"]: r for r in out["runs"]}
+    assert set(runs) == {"random", "uniform"} and runs["random"]["evaluated"] == 6
+    assert out["plot"] == str(tmp_path / "q.png") and _is_png(tmp_path / "q.png")
+    table = _table(proc.stderr)
+    assert table.startswith(f"**budget {float(budget):g}**")
+    for name, r in runs.items():  # each searcher's row: its mean (one seed: its winner)
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {r['best_val_acc']:.2%} |" in row
+        assert f"| {r['measured_over_budget']:.3f} |" in row
+    assert "search_quality 12/12" in proc.stderr  # the progress, counted in candidates
+    (tmp_path / "out.json").write_text(proc.stdout)
+    again = _bench("search_quality.py", "--render", tmp_path / "out.json")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(table)
+    assert _is_png(tmp_path / "out.png")
+    assert_user_error_bench(_bench("search_quality.py", "--render", tmp_path / "none.json"),
+                            "search_quality.py", "cannot read it")
+
+
+@pytest.mark.slow
+def test_end_to_end_reports_json_table_and_plot(bench_env, tmp_path):
+    ckpt, tables, budget = bench_env
+    proc = _bench("end_to_end.py", "--models", "resnet20", "--weights", f"resnet20={ckpt}",
+                  "--budgets", budget, "--methods", "uniform", "--trials", "2", "--epochs", "1",
+                  "--tables", tables, "--rounds", "2", "--threads", "1",
+                  "--runs", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    (r,) = out["results"]
+    assert r["method"] == "uniform" and 0 < r["test_acc"] <= 1, r
+    assert r["budget_check_scale"] == pytest.approx(
+        json.loads((tmp_path / "runs" / r["study"] / "config.json").read_text())
+        ["budget_check"]["scale"])
+    assert out["plot"] == str(tmp_path / "runs" / "end_to_end.png") and _is_png(
+        tmp_path / "runs" / "end_to_end.png")
+    table = _table(proc.stderr)
+    row = next(line for line in table.splitlines() if line.startswith("| uniform |"))
+    assert f"{r['test_acc']:.2%}" in row and f"({r['measured_fraction']:.3f})" in row
+    assert f"x{r['budget_check_scale']:.3f}" in row
+    assert "end_to_end 1/1" in proc.stderr
+    (tmp_path / "e2e.json").write_text(proc.stdout)
+    again = _bench("end_to_end.py", "--render", tmp_path / "e2e.json", "--plot",
+                   tmp_path / "again.png")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(table) and _is_png(tmp_path / "again.png")
+    (tmp_path / "bad.json").write_text("{}")
+    assert_user_error_bench(_bench("end_to_end.py", "--render", tmp_path / "bad.json"),
+                            "end_to_end.py", "not this script's JSON output")
+
+
+def assert_user_error_bench(proc, script, needle):
+    """As `assert_user_error`, for a bench script's own prefix."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"{script}: error: ") and needle in lines[0], lines[0]
