@@ -1169,6 +1169,7 @@ def cmd_export(args) -> int:
     report = build_report(study=name, device=study.config["device"],
                           budget_ms=study.config["budget_ms"],
                           budget=study.config.get("budget"), policy=policy.to_dict(),
+                          check_scale=(study.config.get("budget_check") or {}).get("scale"),
                           searcher=cand.searcher if cand else None, unpruned=unpruned,
                           pruned=pruned_d, artefacts=artefacts, finetune=finetune)
     json_path, md_path = write_report(report, out_dir)

@@ -145,6 +145,12 @@ def test_report_fields_are_present_and_consistent(chain):
     # device scaled: this chain's search made one)
     config = json.loads((chain["runs"] / "s" / "config.json").read_text())
     assert config["budget_check"] is not None
+    sp, scale = r["speedup"], config["budget_check"]["scale"]
+    assert sp["check_scale"] == scale
+    assert sp["predicted_checked"] == pytest.approx(sp["predicted"] * scale)
+    assert sp["error_pct_checked"] == pytest.approx(
+        (sp["predicted_checked"] - sp["measured"]) / sp["measured"] * 100)
+    assert f"{sp['predicted_checked']:.2f}x (table x {scale:.3f})" in md
     b = r["budget"]
     assert b["fraction"] == config["budget"]["fraction"]
     assert b["ms_predicted"] == config["budget_ms"]
