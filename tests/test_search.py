@@ -218,7 +218,13 @@ def test_a_repeat_moves_to_a_feasible_neighbour_not_yet_evaluated(setup):
             assert not wall.fits({**p.to_dict(), wider[0]: q[wider[0]]})
         else:  # one group one grid point
             assert len(wider) + len(narrower) == 1
-    assert wall.unseen_near(p, lambda _: True, rng) == p  # nothing new nearby: the repeat
+    assert wall.unseen_near(p, lambda _: True, rng) == p  # nothing new anywhere: the repeat
+    # where the walk finds nothing new (here: no steps), a random draw projected onto the
+    # budget, feasible and new
+    draws = [wall.unseen_near(p, {p}.__contains__, rng, hops=0) for _ in range(20)]
+    assert all(q != p and wall.allows(pred.predict(q)) for q in draws)
+    assert len(set(draws)) > 1
+    assert wall.unseen_near(p, {p}.__contains__, rng, hops=0, draws=0) == p
 
 
 @pytest.mark.parametrize("name", ["random", "evolution"])

@@ -124,9 +124,10 @@ class BudgetWall:
         return Policy.from_dict(out)
 
     def unseen_near(self, policy: Policy, known: Callable[[Policy], bool], rng, *,
-                    hops: int = 4) -> Policy:
-        """A feasible policy near ``policy`` that ``known`` says was not evaluated yet, or
-        ``policy`` itself when none is found within ``hops`` steps.
+                    hops: int = 4, draws: int = 32) -> Policy:
+        """A feasible policy near ``policy`` that ``known`` says was not evaluated yet; where
+        none is within ``hops`` steps, one of ``draws`` random proposals projected onto the
+        budget (as `random` draws them); ``policy`` itself when none of those is new either.
 
         At a tight budget few policies fit (ResNet-20 at 0.3 on a 4-channel grid: about 12,900
         of 1.8e10), projection sends many proposals onto the same ones, and a repeat is served
@@ -135,7 +136,12 @@ class BudgetWall:
         One step moves one group one grid point: wider first (trading a grid point of another
         group where the budget needs it), so the neighbour stays near the budget, where the
         accurate policies are; then narrower. When every neighbour was evaluated, the walk
-        goes on from a random one."""
+        goes on from a random one.
+
+        Around a converged population every neighbour a few steps out can be evaluated: with
+        the walk alone, 300 NSGA-II trials at 0.3 still evaluated only 217 to 288 policies, and
+        amc ran up to 404 episodes for its 300. A random projected draw lands elsewhere on the
+        budget wall, where most feasible policies are new."""
         cur = policy.to_dict()
         for _ in range(hops):
             moves = self._moves(cur, rng)
@@ -146,6 +152,11 @@ class BudgetWall:
             if not moves:
                 break
             cur = moves[int(rng.integers(len(moves)))]
+        for _ in range(draws):
+            p = self.project({g.name: g.keep_for_ratio(float(rng.uniform(0.0, 1.0)))
+                              for g in self.space.groups})
+            if not known(p):
+                return p
         return policy
 
     def _moves(self, cur: dict[str, int], rng) -> list[dict[str, int]]:
