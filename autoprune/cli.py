@@ -552,7 +552,7 @@ def _check_budget(args, device, model, space, predictor, budget_ms: float,
     the device, and the budget is scaled by how far off the table is there
     (`evaluate.check_budget`). Made once, when the study is created: a resume uses the saved
     check, so it searches the same budget and resumes the same study."""
-    from .evaluate import budget_measurer, check_budget, near_budget_policies
+    from .evaluate import BUDGET_CHECK_PASSES, budget_measurer, check_budget, near_budget_policies
     from .latency.devices import availability
     from .progress import bar
 
@@ -574,7 +574,7 @@ def _check_budget(args, device, model, space, predictor, budget_ms: float,
     policies = near_budget_policies(space, predictor, budget_ms, args.budget_check,
                                     seed=args.seed)
     with _backend(device, args) as backend, \
-            bar(f"check the budget on {device.name}", len(policies),
+            bar(f"check the budget on {device.name}", len(policies) * BUDGET_CHECK_PASSES,
                 enabled=not args.quiet) as pbar:
         measure = budget_measurer(backend, model, space, fraction=args.latency_budget,
                                   budget_ms=args.latency_budget_ms,

@@ -256,10 +256,12 @@ class BudgetCheck:
 
 
 BUDGET_CHECK_LIMIT = 1.25  # the most the check moves the budget, either way
+BUDGET_CHECK_PASSES = 2  # passes over the policies; each keeps its quickest
 
 
 def check_budget(policies: list[Policy], predictor, budget_ms: float, measure, *,
-                 floor_ms: float | None = None) -> BudgetCheck:
+                 floor_ms: float | None = None,
+                 passes: int = BUDGET_CHECK_PASSES) -> BudgetCheck:
     """Measure ``policies`` (`near_budget_policies`) with ``measure`` (`budget_measurer`:
     ``over_budget`` is measured latency over the *user's* budget) and scale the budget the
     search uses, in the predictor's ms, by the median of predicted over measured.
@@ -270,11 +272,18 @@ def check_budget(policies: list[Policy], predictor, budget_ms: float, measure, *
     winners measured 0.93 to 0.97 x budget), and another table of the same CPU 1 to 4%
     below. The scale is held within 1/1.25 to 1.25 (``clamped`` says so) and never below
     ``floor_ms``, the smallest latency the space can reach. The measured check at the end of
-    the search still decides what fits."""
-    ratios = []
-    for p in policies:
-        predicted = predictor.predict(p) / budget_ms
-        ratios.append(measure(p)["over_budget"] / predicted)
+    the search still decides what fits.
+
+    Other work on the machine only ever slows a run, and a busy spell can catch half the
+    policies: once 4 of 8 measured 1.19 to 1.30 x their prediction and the rest 1.02 to 1.05,
+    the median tightened the budget by 8.5%, and at 0.3 that left random one feasible policy.
+    So every policy is measured in each of ``passes`` passes over them all (a spell catches
+    different policies in each) and keeps its quickest."""
+    ratios = [math.inf] * len(policies)
+    for _ in range(passes):
+        for i, p in enumerate(policies):
+            predicted = predictor.predict(p) / budget_ms
+            ratios[i] = min(ratios[i], measure(p)["over_budget"] / predicted)
     med = statistics.median(ratios)
     scale = min(max(1.0 / med, 1.0 / BUDGET_CHECK_LIMIT), BUDGET_CHECK_LIMIT)
     clamped = scale != 1.0 / med

@@ -831,6 +831,19 @@ def test_budget_check_scales_the_budget_by_what_the_device_measures(setup):
     # a device slower than the table by 1.2 at a budget just above the floor: held there
     got = check_budget(policies, pred, budget, device(1.2), floor_ms=0.99 * budget)
     assert got.scale == pytest.approx(0.99) and got.clamped
+    # a busy spell slows half the policies in the first pass and the others in the second:
+    # each keeps its quickest, so the spell moves nothing (one pass: the median moves)
+    calls = []
+
+    def busy(p):
+        calls.append(p)
+        slow = (len(calls) <= 6) == (len(calls) % 2 == 0)
+        return {"over_budget": (1.3 if slow else 1.05) * pred.predict(p) / budget}
+
+    got = check_budget(policies, pred, budget, busy)
+    assert len(calls) == 12 and got.measured_over_predicted == pytest.approx([1.05] * 6)
+    calls.clear()
+    assert check_budget(policies, pred, budget, busy, passes=1).scale < 1 / 1.1
 
 
 def _lines(path):
