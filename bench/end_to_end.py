@@ -230,7 +230,7 @@ def table(results) -> str:
 def plot(results, path: Path) -> Path | None:
     """Test accuracy after fine-tune against measured latency (a fraction of the unpruned
     model's), one panel per model and budget."""
-    from _plots import panels
+    from _output import panels
 
     groups = []
     for key, rs in _rows(results):
@@ -270,24 +270,9 @@ def main() -> int:
                    "more, merged) and write their plot (default: beside the first)")
     a = p.parse_args()
     if a.render:
-        results = []
-        for f in a.render:
-            try:
-                results += json.loads(Path(f).read_text())["results"]
-            except OSError as e:
-                print(f"end_to_end.py: error: --render {f}: cannot read it ({e.strerror}); "
-                      "pass a file an earlier run printed", file=sys.stderr)
-                return 2
-            except (ValueError, KeyError, TypeError) as e:
-                print(f"end_to_end.py: error: --render {f}: not this script's JSON output "
-                      f"({type(e).__name__}: {e}); pass a file an earlier run printed",
-                      file=sys.stderr)
-                return 2
-        print(table(results))
-        where = plot(results, Path(a.plot or Path(a.render[0]).with_suffix(".png")))
-        if where:
-            print(f"plot: {where}")
-        return 0
+        from _output import render
+
+        return render(a.render, "results", "end_to_end.py", table, plot, a.plot)
     weights = dict(SHIPPED)
     for w in a.weights:
         name, _, path = w.partition("=")

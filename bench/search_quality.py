@@ -102,24 +102,9 @@ def main() -> int:
                     "more, merged) and write their plot (default: beside the first)")
     args = ap.parse_args()
     if args.render:
-        runs = []
-        for f in args.render:
-            try:
-                runs += json.loads(Path(f).read_text())["runs"]
-            except OSError as e:
-                print(f"search_quality.py: error: --render {f}: cannot read it ({e.strerror}); "
-                      "pass a file an earlier run printed", file=sys.stderr)
-                return 2
-            except (ValueError, KeyError, TypeError) as e:
-                print(f"search_quality.py: error: --render {f}: not this script's JSON output "
-                      f"({type(e).__name__}: {e}); pass a file an earlier run printed",
-                      file=sys.stderr)
-                return 2
-        print(table(runs))
-        where = plot(runs, Path(args.plot or Path(args.render[0]).with_suffix(".png")))
-        if where:
-            print(f"plot: {where}")
-        return 0
+        from _output import render
+
+        return render(args.render, "runs", "search_quality.py", table, plot, args.plot)
     torch.set_num_threads(args.threads)
     if args.amc_update == "autograd":
         from autoprune.search.amc import make_agent_class
@@ -206,7 +191,7 @@ def table(runs) -> str:
 def plot(runs, path: Path) -> Path | None:
     """Each winner's val accuracy against its measured latency (a fraction of the unpruned
     model's), one panel per budget."""
-    from _plots import panels
+    from _output import panels
 
     groups = []
     for budget in sorted({r["budget"] for r in runs}, reverse=True):

@@ -69,6 +69,16 @@ def digits_ckpt(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def cli_env(digits_ckpt, tmp_path_factory):
+    """The digits model, its cpu-ort table profiled through the CLI (one per test module), and
+    a budget halfway from its smallest policy to the unpruned model."""
+    tables = tmp_path_factory.mktemp("tables")
+    run_cli("profile", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables",
+            tables, "--calibrate", "3", "--quiet", check=True)
+    return digits_ckpt, tables, mid_budget(digits_ckpt, tables)
+
+
 @pytest.fixture()
 def rpc_server(tmp_path):
     import socket

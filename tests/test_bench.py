@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT, mid_budget, run_cli
+from .conftest import ROOT
 
 
 def _bench(script, *args, timeout=600):
@@ -26,17 +26,9 @@ def _is_png(path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def bench_env(digits_ckpt, tmp_path_factory):
-    tables = tmp_path_factory.mktemp("bench-tables")
-    run_cli("profile", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables",
-            tables, "--calibrate", "3", "--quiet", check=True)
-    return digits_ckpt, tables, mid_budget(digits_ckpt, tables)
-
-
 @pytest.mark.slow
-def test_search_quality_reports_json_table_and_plot(bench_env, tmp_path):
-    ckpt, tables, budget = bench_env
+def test_search_quality_reports_json_table_and_plot(cli_env, tmp_path):
+    ckpt, tables, budget = cli_env
     proc = _bench("search_quality.py", "--weights", ckpt, "--tables", tables, "--budgets", budget,
                   "--searchers", "random,uniform", "--seeds", "0", "--trials", "6",
                   "--threads", "1", "--verify-top", "2", "--budget-check", "2",
@@ -63,8 +55,8 @@ def test_search_quality_reports_json_table_and_plot(bench_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_reports_json_table_and_plot(bench_env, tmp_path):
-    ckpt, tables, budget = bench_env
+def test_end_to_end_reports_json_table_and_plot(cli_env, tmp_path):
+    ckpt, tables, budget = cli_env
     proc = _bench("end_to_end.py", "--models", "resnet20", "--weights", f"resnet20={ckpt}",
                   "--budgets", budget, "--methods", "uniform", "--trials", "2", "--epochs", "1",
                   "--tables", tables, "--rounds", "2", "--threads", "1",

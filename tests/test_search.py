@@ -757,14 +757,6 @@ def test_amc_acc_log_latency_reward(setup):
 
 
 # ------------------------------------------------------------------ CLI: kill and resume
-@pytest.fixture(scope="module")
-def cli_env(digits_ckpt, tmp_path_factory):
-    tables = tmp_path_factory.mktemp("tables")
-    run_cli("profile", "--target-device", "cpu-ort", "--weights", digits_ckpt, "--tables",
-            tables, "--calibrate", "3", "--quiet", check=True)
-    return digits_ckpt, tables, mid_budget(digits_ckpt, tables)
-
-
 def _search_args(ckpt, tables, runs, searcher, trials, study, budget, check=0):
     """``check``: `--budget-check` (0 here by default: two studies made apart then search the
     same budget, where a test compares them)."""

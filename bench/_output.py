@@ -1,9 +1,12 @@
-"""The benchmarks' plot: one panel per model and budget, each method's runs as small markers and
-their mean as a large outlined one, the budget as a dashed line."""
+"""What the benchmarks share for their results: the plot (one panel per model and budget, each
+method's runs as small markers and their mean as a large outlined one, the budget as a dashed
+line) and ``--render``, which prints the tables and draws the plot of earlier JSON outputs."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from pathlib import Path
 
 STYLE = {"evolution": ("o", "tab:blue"), "amc": ("^", "tab:purple"),
@@ -41,3 +44,27 @@ def panels(groups, path: Path, *, xlabel: str, ylabel: str) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def render(files: list[str], key: str, script: str, table, plot, plot_path: str | None) -> int:
+    """``--render``: merge the ``key`` lists of the JSON outputs in ``files``, print
+    ``table(rows)`` and write ``plot(rows, path)`` (default: beside the first file). A file
+    that cannot be read or is not such an output: one line, exit 2."""
+    rows = []
+    for f in files:
+        try:
+            rows += json.loads(Path(f).read_text())[key]
+        except OSError as e:
+            print(f"{script}: error: --render {f}: cannot read it ({e.strerror}); pass a file "
+                  "an earlier run printed", file=sys.stderr)
+            return 2
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"{script}: error: --render {f}: not this script's JSON output "
+                  f"({type(e).__name__}: {e}); pass a file an earlier run printed",
+                  file=sys.stderr)
+            return 2
+    print(table(rows))
+    where = plot(rows, Path(plot_path or Path(files[0]).with_suffix(".png")))
+    if where:
+        print(f"plot: {where}")
+    return 0
