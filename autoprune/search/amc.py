@@ -53,8 +53,8 @@ Deviations from the paper, each for a reason:
 - An episode that builds a policy an earlier episode evaluated evaluates instead a feasible
   neighbour that none did (one grid step or a few from it, or where all of those were, a
   random draw projected onto the budget: `BudgetWall.unseen_near`, as evolution and random
-  do), and the agent stores that policy's transitions: at each step the
-  observation and the action with which the env picks the neighbour's width
+  do), and the agent stores that policy's transitions: at each step the observation and the
+  action with which the env picks the neighbour's width
   (`PruningEnv.trace`). DDPG learns off-policy, so these teach it as its own would. The
   exploration noise still grows on the agent's own repeats (``repeats="move"``, the default;
   ``"replay"`` serves the repeat from the cache, as studies made before did). A repeat had
@@ -203,8 +203,8 @@ class PruningEnv(gym.Env):
         """For an episode that repeats an earlier policy: a feasible policy one or a few grid
         steps from it that no earlier episode evaluated, else a random one on the budget
         (`BudgetWall.unseen_near`, as evolution and random do), or the policy itself where
-        none is found. Drawn with an RNG
-        of (seed, episode), so a replayed episode moves where the original one did."""
+        none is found. Drawn with an RNG of (seed, episode), so a replayed episode moves where
+        the original one did."""
         rng = np.random.default_rng([self.seed, self.episode])
         return self.wall.unseen_near(policy, self._seen_before, rng)
 

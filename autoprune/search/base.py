@@ -153,11 +153,16 @@ class BudgetWall:
                 break
             cur = moves[int(rng.integers(len(moves)))]
         for _ in range(draws):
-            p = self.project({g.name: g.keep_for_ratio(float(rng.uniform(0.0, 1.0)))
-                              for g in self.space.groups})
+            p = self.draw(rng)
             if not known(p):
                 return p
         return policy
+
+    def draw(self, rng) -> Policy:
+        """A random feasible policy: each group draws a keep ratio uniformly, and the draw is
+        projected onto the budget (`project`)."""
+        return self.project({g.name: g.keep_for_ratio(float(rng.uniform(0.0, 1.0)))
+                             for g in self.space.groups})
 
     def _moves(self, cur: dict[str, int], rng) -> list[dict[str, int]]:
         """Feasible policies one grid step from ``cur`` (see `unseen_near`), in random order

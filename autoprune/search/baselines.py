@@ -72,9 +72,7 @@ class RandomSearcher(Searcher):
         for attempt in range(self.redraws):
             rng = np.random.default_rng([self.seed, trial] if attempt == 0
                                         else [self.seed, trial, attempt])
-            wanted = {g.name: g.keep_for_ratio(float(rng.uniform(0.0, 1.0)))
-                      for g in self.space.groups}
-            policy = self.wall.project(wanted)
+            policy = self.wall.draw(rng)
             if not known(policy):
                 return policy
         return self.wall.unseen_near(policy, known, rng)
