@@ -447,10 +447,14 @@ def test_finer_search_grid_is_measured_and_the_wall_allows_for_it(tiny, tmp_path
     assert at[20] > at[24] >= at[16]  # non-decreasing across multiples, not increasing
     wall = BudgetWall(space, pred, at[24])
     assert wall.clip({g1: 16}, g2, 20) == 16 and wall.clip({g1: 16}, g2, 24) == 24
-    ev = Evaluator(model, digits, space, pred, budget_ms=at[24], val_images=100, bn_batches=1)
+    # the env's budget is never under the floor (the CLI refuses one): on a table as noisy as
+    # this tiny model's can be (a calibration scale of -0.22 once) the smallest policy may
+    # predict above at[24], and the wall hands out the minimum unchecked
+    budget = max(at[24], pred.min_latency())
+    ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=100, bn_batches=1)
     for action in ("wall", "share", "bounds"):
         seen = []
-        env = PruningEnv(space, pred, at[24],
+        env = PruningEnv(space, pred, budget,
                          lambda p, ep, seen=seen: seen.append(p) or ev.evaluate(p),
                          action=action)
         rng = np.random.default_rng(0)
@@ -459,7 +463,7 @@ def test_finer_search_grid_is_measured_and_the_wall_allows_for_it(tiny, tmp_path
             done = False
             while not done:
                 _, _, done, _, _ = env.step(rng.uniform(0, 1, size=1).astype(np.float32))
-        assert all(pred.predict(p) <= at[24] * (1 + 1e-9) for p in seen), action
+        assert all(pred.predict(p) <= budget * (1 + 1e-9) for p in seen), action
 
 
 def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tmp_path, caplog):
