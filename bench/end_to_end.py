@@ -79,10 +79,9 @@ def run_searched(method, weights, budget, seed, a) -> dict:
     if e.returncode != 0:
         return {"method": method, "study": study, "error": e.stderr.strip()}
     r = json.loads(e.stdout)
-    check = json.loads((ROOT / a.runs / study / "config.json").read_text()).get("budget_check")
     return {"method": method, "study": study,
             # the searched budget in predicted ms = the table's x this (None: table trusted)
-            "budget_check_scale": check["scale"] if check else None,
+            "budget_check_scale": r["speedup"].get("check_scale"),
             "test_acc_before_finetune": r["pruned"]["test_acc_before_finetune"],
             "test_acc": r["pruned"]["test_acc_after_finetune"],
             "unpruned_test_acc": r["unpruned"]["test_acc"],
@@ -209,7 +208,7 @@ def table(results) -> str:
             head = f"| {r.get('method', '?')} | {r.get('seed', '–')} |"
             if "test_acc" not in r:
                 why = r.get("skipped") or r.get("error") or "?"
-                out.append(f"{head} {why.splitlines()[-1] if why else '?'} | | | |")
+                out.append(f"{head} {why.splitlines()[-1]} | | | | |")
                 continue
             pred, scale = r.get("speedup_predicted"), r.get("budget_check_scale")
             speed = f"{r['speedup_measured']:.2f}x (" + \

@@ -157,32 +157,29 @@ def main() -> int:
                                                 progress))
                         print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
     out["summary"] = _summarise(out["runs"])
-    out["plot"] = str(plot(out["runs"], Path(args.plot or "search_quality.png")))
+    where = plot(out["runs"], Path(args.plot or "search_quality.png"))
+    out["plot"] = str(where) if where else None
     print("\n" + table(out["runs"]), file=sys.stderr)
     print(json.dumps(out, indent=2))
     return 0
 
 
 def table(runs) -> str:
-    """Per budget: each searcher's mean over seeds and its seeds' winners, as Markdown."""
+    """Per budget: each searcher's figures from `_summarise` and its seeds' winners, as
+    Markdown."""
     out = []
-    for budget in sorted({r["budget"] for r in runs}, reverse=True):
-        out += [f"**budget {budget:g}**", "",
+    for budget, row in sorted(_summarise(runs).items(), key=lambda kv: -float(kv[0])):
+        out += [f"**budget {float(budget):g}**", "",
                 "| searcher | mean val acc | per seed | measured / budget (max) | overhead | "
                 "episodes (moved) |", "|---|---|---|---|---|---|"]
-        by = {}
-        for r in runs:
-            if r["budget"] == budget:
-                by.setdefault(r["searcher"], []).append(r)
-        for name, rs in sorted(by.items(), key=lambda kv: -statistics.mean(
-                r["best_val_acc"] for r in kv[1])):
-            seeds = ", ".join(f"{r['best_val_acc']:.2%}" for r in sorted(rs,
-                                                                        key=lambda r: r["seed"]))
+        for name, s in sorted(row.items(), key=lambda kv: -kv[1]["mean_val_acc"]):
+            rs = sorted((r for r in runs if str(r["budget"]) == budget and r["searcher"] == name),
+                        key=lambda r: r["seed"])
+            seeds = ", ".join(f"{r['best_val_acc']:.2%}" for r in rs)
             eps = ", ".join(f"{r['episodes']} ({r['episodes_moved'] or 0})" for r in rs
                             if r.get("episodes") is not None) or "–"
-            out.append(f"| {name} | {statistics.mean(r['best_val_acc'] for r in rs):.2%} | "
-                       f"{seeds} | {max(r['measured_over_budget'] for r in rs):.3f} | "
-                       f"{statistics.mean(r['searcher_overhead_pct'] for r in rs):.1f}% | "
+            out.append(f"| {name} | {s['mean_val_acc']:.2%} | {seeds} | "
+                       f"{s['max_measured_over_budget']:.3f} | {s['mean_overhead_pct']:.1f}% | "
                        f"{eps} |")
         out.append("")
     return "\n".join(out)
