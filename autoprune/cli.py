@@ -1191,6 +1191,11 @@ def cmd_export(args) -> int:
                 f"not checked: {a.get('unchecked')}"
             console.print(f"{key:13s} {a['path']} ({a['bytes']:,} bytes; {check})")
         console.print(f"report       {json_path} and {md_path}")
+    for key, lat in (("unpruned", lat_u), ("pruned", lat_p)):
+        if not lat["settled"]:
+            log.warning("the %s model's latency never settled over %d rounds (%s ms): the "
+                        "machine was busy throughout; the same export command measures again",
+                        key, len(lat["rounds_ms"]), ", ".join(f"{v:.4f}" for v in lat["rounds_ms"]))
     if failures:
         print("autoprune: error: " + "; ".join(failures) + " (an export bug: please report it)",
               file=sys.stderr)

@@ -15,7 +15,8 @@ Every method reports test accuracy (before and after fine-tune), measured latenc
 and pruned (alternating rounds in one process) and the speedup; the searched ones also their
 predicted speedup. Targets (issue 5): searched >= uniform + 0.3 points and >= tp-global at
 budget 0.3; measured speedup within 5% of predicted. Rows measured while the machine was busy
-(a latency IQR over 5% of its median) are listed under ``checks[...]["noisy_measurements"]``:
+(a latency IQR over 5% of its median, or rounds whose median stayed over 10% above the
+quickest after the added ones: ``autoprune.report.measure_pair``) are listed under ``checks[...]["noisy_measurements"]``:
 run the same command again to measure them again (``--methods`` can name just those).
 
 A progress bar (or, in a log file, a line per run) follows the runs on stderr; at the end the
@@ -332,12 +333,15 @@ def main() -> int:
         # seen: amc's winner at 0.2593 ms, IQR 9% of it, then 0.1844 ms, IQR 0.9%, re-run);
         # re-running the same command measures again (the searched methods keep their studies
         # and fine-tunes; tp-global is done again).
+        # A spell that outlasts the added rounds leaves the median round slow (`settled`).
         noisy = [f"{m} seed {x['seed']}" for m, rs in by.items() for x in rs
                  if any(x[k]["iqr_ms"] > NOISY_IQR * x[k]["median_ms"]
+                        or not x[k].get("settled", True)
                         for k in ("measured_ms", "unpruned_measured_ms"))]
         c["noisy_measurements"] = noisy
         if noisy:
-            log(f"{key}: latency IQR over {NOISY_IQR:.0%} of the median for "
+            log(f"{key}: latency IQR over {NOISY_IQR:.0%} of the median, or rounds that never "
+                f"settled, for "
                 f"{', '.join(noisy)}: the machine was busy; run the same command again to "
                 "measure again")
         checks[key] = c
