@@ -2,9 +2,11 @@
 pruning, each fine-tuned the same way, measured on the target device. Prints one JSON document.
 
 For every model x budget x seed:
-  * ``amc``, ``evolution``, ``uniform``: `autoprune search` -> `autoprune finetune --distill`
-    -> `autoprune export --format onnx` (the real CLI, one study each under ``--runs``; a
-    re-run resumes every study and skips finished fine-tunes);
+  * ``amc``, ``evolution``, ``uniform``: `autoprune search --seed S` -> `autoprune finetune
+    --distill --seed S` -> `autoprune export --format onnx` (the real CLI, one study each under
+    ``--runs``; a re-run resumes every study and skips finished fine-tunes). Runs folders from
+    before 2026-11-23 fine-tuned every seed with seed 0: `finetune` refuses to resume those at
+    another seed (the row shows its error), so point ``--runs`` at a fresh folder;
   * ``tp-global``: what a user would do without autoprune: torch-pruning's MagnitudePruner
     with ``global_pruning=True`` (L1 magnitude, the device's channel multiple as ``round_to``,
     classifier ignored), its pruning ratio chosen so that the *measured* latency on the device
@@ -16,8 +18,9 @@ and pruned (alternating rounds in one process) and the speedup; the searched one
 predicted speedup. Targets (issue 5): searched >= uniform + 0.3 points and >= tp-global at
 budget 0.3; measured speedup within 5% of predicted. Rows measured while the machine was busy
 (a latency IQR over 5% of its median, or rounds whose median stayed over 10% above the
-quickest after the added ones: ``autoprune.report.measure_pair``) are listed under ``checks[...]["noisy_measurements"]``:
-run the same command again to measure them again (``--methods`` can name just those).
+quickest after the added ones: ``autoprune.report.measure_pair``) are listed under
+``checks[...]["noisy_measurements"]``: run the same command again to measure them again
+(``--methods`` can name just those).
 
 A progress bar (or, in a log file, a line per run) follows the runs on stderr; at the end the
 results also go to stderr as Markdown tables, and a plot of test accuracy against measured
@@ -70,8 +73,9 @@ def run_searched(method, weights, budget, seed, a) -> dict:
     search_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     # --weights also for these: a runs folder copied from elsewhere still finds its base
+    # the seed fine-tunes too (as tp-global's), so a row per seed samples both
     f = cli("finetune", "--study", study, "--runs", a.runs, "--weights", weights, "--epochs",
-            a.epochs, "--distill", "--lr", a.lr, "--quiet", "--json")
+            a.epochs, "--distill", "--lr", a.lr, "--seed", seed, "--quiet", "--json")
     if f.returncode != 0:
         return {"method": method, "study": study, "error": f.stderr.strip()}
     finetune_s = time.perf_counter() - t0

@@ -59,12 +59,16 @@ def test_end_to_end_reports_json_table_and_plot(cli_env, tmp_path):
     ckpt, tables, budget = cli_env
     proc = _bench("end_to_end.py", "--models", "resnet20", "--weights", f"resnet20={ckpt}",
                   "--budgets", budget, "--methods", "uniform", "--trials", "2", "--epochs", "1",
-                  "--tables", tables, "--rounds", "2", "--threads", "1",
+                  "--seeds", "1", "--tables", tables, "--rounds", "2", "--threads", "1",
                   "--runs", tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     (r,) = out["results"]
     assert r["method"] == "uniform" and 0 < r["test_acc"] <= 1, r
+    from autoprune.models import read_checkpoint
+
+    tuned = read_checkpoint(tmp_path / "runs" / r["study"] / "finetune" / "best.pt")
+    assert tuned["extra"]["run_key"]["config"]["seed"] == r["seed"] == 1  # fine-tuned at it too
     assert r["budget_check_scale"] == pytest.approx(
         json.loads((tmp_path / "runs" / r["study"] / "config.json").read_text())
         ["budget_check"]["scale"])
