@@ -177,15 +177,14 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         diff = a.get("max_abs_diff")
         shown = f"{diff:.2e}" if diff is not None else f"not checked ({a.get('unchecked', '')})"
         lines.append(f"| {name} | `{Path(a['path']).name}` | {a['bytes']:,} | {shown} |")
+    unsettled = [k for k in ("unpruned", "pruned")
+                 if not report[k]["latency"].get("settled", True)]
     lines += ["", "Latency is measured on the device in alternating rounds (median of round "
-              "medians; where a model's median round ran over "
-              f"{ROUND_SPREAD:.0%} slower than its quickest, a busy spell had caught it, and "
-              "rounds were added until it did not, up to "
+              f"medians; while a model's median round runs over {ROUND_SPREAD:.0%} slower than "
+              "its quickest, the mark of a busy spell, rounds are added, up to "
               f"{1 + EXTRA_ROUNDS}x as many)"
-              + ("" if all(report[k]["latency"].get("settled", True) for k in ("unpruned",
-                                                                                "pruned"))
-                 else " **(it still did at the end: the machine was busy throughout; export "
-                      "again to measure anew)**")
+              + (f" **(the {' and '.join(unsettled)} model's rounds never settled: the machine "
+                 "was busy throughout; export again to measure anew)**" if unsettled else "")
               + "; the predicted figures are the latency table's, as the search saw "
               "them" + ("; before the search, policies the table put at the budget were "
                         "measured, and the search's budget scaled to match them (the budget "

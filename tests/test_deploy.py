@@ -168,6 +168,21 @@ def test_a_busy_spell_in_the_report_measurement_adds_rounds_until_the_median_set
     assert not stuck["settled"] and len(stuck["rounds_ms"]) == 15
 
 
+def test_report_md_says_when_a_measurement_never_settled(chain, tmp_path):
+    """report.md names the added rounds, and says so when a model's rounds never settled."""
+    import copy
+
+    from autoprune.report import write_report
+
+    r = chain["report"]
+    _, md = write_report(r, tmp_path / "as-made")
+    assert "rounds are added" in md.read_text() and "busy throughout" not in md.read_text()
+    busy = copy.deepcopy(r)
+    busy["pruned"]["latency"]["settled"] = False
+    _, md = write_report(busy, tmp_path / "busy")
+    assert "the pruned model's rounds never settled" in md.read_text()
+
+
 def test_report_fields_are_present_and_consistent(chain):
     r = chain["report"]
     out = chain["runs"] / "s" / "export"
