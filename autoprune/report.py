@@ -43,13 +43,14 @@ def measure_pair(backend, unpruned, pruned, input_shape, *, rounds: int = 3
     round is kept in ``rounds_ms``; ``settled`` says whether the median did)."""
     from .latency.profile import measure_alternating, median_of_passes
 
-    u, p = measure_alternating(backend, [unpruned, pruned], input_shape, rounds=rounds)
-    added = 0
-    while added < EXTRA_ROUNDS * rounds and not all(
-            settled([s.median_ms for s in st]) for st in (u, p)):
-        u.append(backend.measure_model(unpruned, input_shape))
-        p.append(backend.measure_model(pruned, input_shape))
-        added += 1
+    models = [unpruned, pruned]
+    u, p = measure_alternating(backend, models, input_shape, rounds=rounds)
+    for _ in range(EXTRA_ROUNDS * rounds):
+        if all(settled([s.median_ms for s in st]) for st in (u, p)):
+            break
+        more_u, more_p = measure_alternating(backend, models, input_shape, rounds=1)
+        u += more_u
+        p += more_p
 
     def summary(stats: list[LatencyStat]) -> dict[str, Any]:
         ms = [s.median_ms for s in stats]
