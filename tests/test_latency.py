@@ -592,3 +592,36 @@ def test_calibration_fit_recovers_a_line_and_refuses_a_flat_one():
     scale, offset = fit_calibration(sums, flat)
     assert offset == 0.0 and scale > 0
     assert (scale * sums[1]) / (scale * sums[0]) == pytest.approx(sums[1] / sums[0])
+
+
+def test_shipped_tables_fit_the_pinned_runtimes():
+    """Every table in latency_tables/ was measured with the runtime versions pyproject.toml
+    pins, and those are installed here: a new onnxruntime release (1.32.0, 2026-11-23) would
+    otherwise turn every shipped cpu-ort table away on a fresh install."""
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    from autoprune.latency.backends import BACKENDS
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {r.name: r for r in map(Requirement, deps)}
+    dist = {"onnxruntime": "onnxruntime", "tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
+    tables = sorted((root / "latency_tables").glob("*/*.json"))
+    assert tables
+    for path in tables:
+        table = LatencyTable.load(path)
+        for key, name in dist.items():
+            have = table.versions.get(key)
+            if have is None:
+                continue
+            spec = str(pins[name].specifier)
+            assert spec == f"=={have}", f"{path}: measured with {name} {have}, pinned {spec}"
+            assert version(name) == have, f"{path}: {name} {version(name)} installed"
+        # and nothing else stands between it and this install (but the CPU, on another one)
+        device = get_device(table.device)
+        why = table.mismatch(device, BACKENDS[device.runtime]().static_versions(device))
+        assert why is None or why.startswith("it was measured on CPU"), f"{path}: {why}"
