@@ -1362,7 +1362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=("acc", "acc-log-latency"), default="acc",
                    help="amc: reward at the end of an episode")
     p.add_argument("--warmup-episodes", type=int, default=10, help="amc: random episodes")
-    p.add_argument("--amc-action", choices=("share", "bounds", "wall"), default="share",
+    p.add_argument("--amc-action", choices=("share", "reach", "bounds", "wall"), default="share",
                    help="amc: an action scales the group's fair share of the latency the "
                    "budget still leaves (default), or spans the group's bounds, clipped by the "
                    "action wall (AMC), or the group's minimum to the most the wall allows")

@@ -82,7 +82,7 @@ def main() -> int:
                     "prediction alone)")
     ap.add_argument("--amc-warmup", type=int, help="amc's random warm-up episodes "
                     "(default: the searcher's)")
-    ap.add_argument("--amc-action", choices=["bounds", "wall", "share"],
+    ap.add_argument("--amc-action", choices=["bounds", "wall", "share", "reach"],
                     help="amc's action range (default: the searcher's)")
     ap.add_argument("--amc-actor-reg", type=float,
                     help="amc's penalty on the actor's pre-tanh activation (default: the "

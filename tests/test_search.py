@@ -120,7 +120,7 @@ def test_check_env(setup):
     check_env(env, skip_render_check=True)
 
 
-@pytest.mark.parametrize("action", ["bounds", "wall", "share"])
+@pytest.mark.parametrize("action", ["bounds", "wall", "share", "reach"])
 def test_action_wall_never_ends_infeasible(setup, action):
     from autoprune.search.amc import PruningEnv
 
@@ -144,7 +144,7 @@ def test_action_wall_never_ends_infeasible(setup, action):
         last = space.groups[-1]
         wider = [c for c in last.choices if c > seen[-1][last.name]]
         assert not wider or pred.predict({**seen[-1].to_dict(), last.name: wider[0]}) > budget
-    if action == "share":  # action 0 spends nothing; 0.5 spreads the slack over the groups
+    if action in ("share", "reach"):  # 0 spends nothing; 0.5 spreads the slack over groups
         for a, check in ((0.0, lambda p: p == space.smallest()),
                          (0.5, lambda p: sum(p[g.name] > g.min_channels for g in space.groups)
                           >= len(space) // 2)):
@@ -153,6 +153,15 @@ def test_action_wall_never_ends_infeasible(setup, action):
             while not done:
                 _, _, done, _, _ = env.step(np.full(1, a, np.float32))
             assert check(seen[-1]), (a, seen[-1])
+    if action == "reach":  # 1 at the first step takes all the wall allows, then 0 nothing
+        env.reset()
+        env.step(np.ones(1, np.float32))
+        first = space.groups[0]
+        assert env.partial[first.name] == BudgetWall(space, pred, budget).max_keep({}, first.name)
+        done = False
+        while not done:
+            _, _, done, _, _ = env.step(np.zeros(1, np.float32))
+        assert all(seen[-1][g.name] == g.min_channels for g in space.groups[1:])
     wall = BudgetWall(space, pred, budget)
     for _ in range(200):  # clipping arbitrary proposals in group order is always feasible too
         proposal = {g.name: int(rng.choice(g.choices)) for g in space.groups}
@@ -455,7 +464,7 @@ def test_predictor_sweep_equals_one_prediction_per_width(setup):
     assert pred.sweep(off, g.name) == {c: pred.predict({**off, g.name: c}) for c in g.choices}
 
 
-@pytest.mark.parametrize("action", ["bounds", "wall", "share"])
+@pytest.mark.parametrize("action", ["bounds", "wall", "share", "reach"])
 def test_amc_env_moves_a_repeated_policy_and_traces_the_one_it_evaluated(setup, digits,
                                                                         action):
     """Given the study's ``known``, an episode that builds a policy an earlier episode
@@ -494,7 +503,7 @@ def test_amc_env_moves_a_repeated_policy_and_traces_the_one_it_evaluated(setup, 
         before = dict(env.partial)
         env.step(np.array([a], np.float32))
         got, want = env.partial[g.name], moved[g.name]
-        if action == "share":  # widths that cost the same are one action (the narrower)
+        if action in ("share", "reach"):  # widths that cost the same are one action
             costs = pred.sweep({**smallest, **before}, g.name)
             assert costs[got] == pytest.approx(costs[want], rel=1e-6) or a == 1.0
         else:
@@ -685,6 +694,46 @@ def test_amc_hand_written_update_matches_autograd(setup):
             assert float(sa["step"]) == float(sb["step"]) == 4 * len(space)
             assert torch.allclose(sa["exp_avg"], sb["exp_avg"], rtol=1e-4, atol=1e-7)
             assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def test_amc_samples_and_acts_as_sb3_does(setup):
+    """amc's shortcuts past SB3's per-call work: its batch (`_sample`) is the same rows that
+    ``replay_buffer.sample`` draws from numpy's generator, and its actor's action, computed
+    through the hand-written forward, is the actor module's to the bit."""
+    from stable_baselines3.common.logger import Logger
+
+    _, space, pred, budget, ev = setup
+    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0)
+    agent = searcher.make_agent(searcher.make_env(lambda p, ep: ev.evaluate(p)))
+    agent.set_logger(Logger(folder=None, output_formats=[]))
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        obs = rng.uniform(0, 1, (1, 10)).astype(np.float32)
+        act = rng.uniform(-1, 1, (1, 1)).astype(np.float32)
+        agent.replay_buffer.add(obs, obs, act, rng.normal(0, 0.1, 1).astype(np.float32),
+                                np.array([True]), [{}])
+    for seed in range(3):
+        np.random.seed(seed)
+        ours = agent._sample(64)
+        after = np.random.random()  # and the generator is left where SB3 leaves it
+        np.random.seed(seed)
+        data = agent.replay_buffer.sample(64)
+        assert np.random.random() == after
+        for a, b in zip(ours, (data.observations, data.actions, data.rewards), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert len({tuple(r) for r in ours[0].tolist()}) > 32  # rows drawn, not one repeated
+    agent.episodes_done = agent.warmup_episodes  # past the random warm-up: the actor acts
+    agent.sigma_scaled = 1e-9
+    for row in agent.replay_buffer.observations[:20]:
+        agent._last_obs = row
+        _, scaled = agent._sample_action(0)
+        with torch.no_grad():
+            want = agent.actor(torch.as_tensor(row)).numpy()
+        assert np.allclose(scaled, want, atol=1e-6)
+    obs = torch.as_tensor(agent.replay_buffer.observations[:150, 0])
+    with torch.no_grad():
+        assert torch.equal(torch.tanh(agent._hand_grads()[0].forward(obs)[1][-1]),
+                           agent.actor(obs))
 
 
 def test_fused_adam_is_torchs_fused_adam_and_shares_its_checkpoints():
