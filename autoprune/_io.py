@@ -11,8 +11,20 @@ from pathlib import Path
 from typing import Any
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a written file (or a folder's entries) to the disk: after this a crash of the
+    machine, not only of the process, leaves it as written."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, then rename the temporary file over ``path`` in one step."""
+    """Call ``write(tmp_path)``, then rename the temporary file over ``path`` in one step.
+    The file is on the disk before the rename and the rename after it, so even a power cut
+    leaves either the old file or the new one whole (never an empty file under the name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the same suffix: some writers (torch.export.save, TVM's export_library) go by it
@@ -24,7 +36,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -183,16 +183,21 @@ def _fmt_count(n: float) -> str:
 
 def cmd_space(args) -> int:
     loaded = _resolve_model(args)
-    space = _build_space(loaded, args)
+    device = _device(args) if args.target_device else None
+    # for a device: the space its search uses (its channel multiple, residual streams on it)
+    space = _device_space(loaded, args, device) if device else _build_space(loaded, args)
     if args.json:
         out = space.to_dict()
         out["model"] = loaded.spec.to_dict()
+        if device:
+            out["device"] = device.name
         print(json.dumps(out, indent=2))
         return 0
     from rich.table import Table
 
     table = Table(title=f"search space of {loaded.spec.name} ({len(space)} groups, "
-                        f"bounds from {Path(space.spec_source).name})")
+                        f"bounds from {Path(space.spec_source).name}"
+                        + (f", as searched for {device.name}" if device else "") + ")")
     for col, just in (("#", "right"), ("group", "left"), ("kind", "left"),
                       ("channels", "right"), ("keep range", "right"), ("grid", "right"),
                       ("MACs share", "right")):
@@ -1283,6 +1288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("space", help="print a model's prunable channel groups")
     _add_model_args(p)
     _add_space_args(p)
+    p.add_argument("--target-device", help="the space a search for this device uses: its "
+                   "channel multiple (unless --round-to), residual streams always on it")
+    p.add_argument("--devices", help="YAML file of your own devices (added to the built-ins)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_space)
 

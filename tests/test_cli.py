@@ -37,6 +37,19 @@ def test_space_table_and_json(digits_ckpt):
     assert len(out["groups"]) == 30 and out["model"]["name"] == "resnet56"
     proc = run_cli("space", "--weights", digits_ckpt, "--round-to", "8", "--json", check=True)
     assert all(g["round_to"] == 8 for g in json.loads(proc.stdout)["groups"])
+    # for a device, the space its search uses: a finer grid, residual streams on its multiple
+    proc = run_cli("space", "--weights", digits_ckpt, "--target-device", "cpu-ort",
+                   "--round-to", "4", "--json", check=True)
+    out = json.loads(proc.stdout)
+    assert out["device"] == "cpu-ort"
+    streams = {g["name"] for g in out["groups"] if sum(m.endswith(":out")
+                                                       for m in g["members"]) > 1}
+    assert streams and all(g["round_to"] == (8 if g["name"] in streams else 4)
+                           for g in out["groups"] if g["channels"] >= 8)
+    proc = run_cli("space", "--weights", digits_ckpt, "--target-device", "cpu-ort", check=True)
+    assert "as searched for cpu-ort" in proc.stdout
+    assert_user_error(run_cli("space", "--weights", digits_ckpt, "--target-device", "nope"),
+                      "nope")
 
 
 def test_evaluate_matches_checkpoint(digits_ckpt):

@@ -736,6 +736,48 @@ def test_amc_samples_and_acts_as_sb3_does(setup):
                            agent.actor(obs))
 
 
+def test_amc_checkpoint_is_on_disk_before_latest_points_to_it(setup, tmp_path, monkeypatch):
+    """A checkpoint's files are flushed to the disk (fsync) before ``latest.json`` is renamed
+    to point at them, and every file renamed into place was flushed first: a power cut, not
+    only a kill, leaves the old checkpoint or the new one whole. The checkpoint then loads."""
+    from pathlib import Path
+
+    import autoprune._io as io
+    from autoprune.search.amc import AMCSearcher, make_agent_class
+
+    _, space, pred, budget, ev = setup
+    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0)
+    env = searcher.make_env(lambda p, ep: ev.evaluate(p))
+    agent = searcher.make_agent(env)
+    events = []
+    fsync, replace = io.fsync_path, os.replace
+
+    def spy_fsync(path):
+        events.append(("fsync", Path(path).name))
+        fsync(path)
+
+    def spy_replace(src, dst):
+        events.append(("replace", Path(dst).name, Path(src).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(io, "fsync_path", spy_fsync)
+    monkeypatch.setattr(io.os, "replace", spy_replace)
+    AMCSearcher._save(agent, tmp_path)
+    names = [e[1] for e in events]
+    switch = events.index(next(e for e in events if e[:2] == ("replace", "latest.json")))
+    assert {"agent.zip", "replay.pkl", "state.json"} <= set(names[:switch])
+    for i, event in enumerate(events):
+        if event[0] == "replace":  # its temp file flushed just before, its folder just after
+            assert events[i - 1] == ("fsync", event[2])
+            assert events[i + 1][0] == "fsync" and events[i + 1][1] in (
+                tmp_path.name, json.loads((tmp_path / "latest.json").read_text())["dir"])
+    ckpt = tmp_path / json.loads((tmp_path / "latest.json").read_text())["dir"]
+    loaded = make_agent_class().load(ckpt / "agent.zip", env=env, device="cpu")
+    loaded.load_replay_buffer(ckpt / "replay.pkl")
+    for a, b in zip(agent.actor.parameters(), loaded.actor.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_fused_adam_is_torchs_fused_adam_and_shares_its_checkpoints():
     """amc's optimiser steps as `torch.optim.Adam(fused=True)` does, without importing
     torch._dynamo (checked in a fresh process), and each loads the other's `state_dict`:

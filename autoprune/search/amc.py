@@ -822,10 +822,11 @@ class AMCSearcher(Searcher):
 
     @staticmethod
     def _save(agent, folder: Path) -> None:
-        """Agent, replay buffer and RNG states go to a fresh folder; then ``latest.json`` is
-        switched to it in one atomic write, so a kill at any point leaves one consistent
-        checkpoint. Older checkpoint folders are removed afterwards."""
-        from .._io import write_json
+        """Agent, replay buffer and RNG states go to a fresh folder, flushed to the disk;
+        then ``latest.json`` is switched to it in one atomic write, so a kill (or a power cut)
+        at any point leaves one consistent checkpoint. Older checkpoint folders are removed
+        afterwards."""
+        from .._io import fsync_path, write_json
 
         name = f"ckpt-{agent.episodes_done:06d}"
         ckpt = folder / name
@@ -834,9 +835,11 @@ class AMCSearcher(Searcher):
         ckpt.mkdir()
         agent.save(ckpt / "agent.zip")
         agent.save_replay_buffer(ckpt / "replay.pkl")
+        for written in ("agent.zip", "replay.pkl"):  # SB3 writes them in place
+            fsync_path(ckpt / written)
         state = agent.amc_state()
         state["np_global"] = pickle.dumps(state["np_global"]).hex()
-        write_json(ckpt / "state.json", state)
+        write_json(ckpt / "state.json", state)  # (fsyncs the folder's entries too)
         write_json(folder / "latest.json", {"dir": name})
         for old in folder.glob("ckpt-*"):
             if old.name != name:
