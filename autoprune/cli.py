@@ -1372,8 +1372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-episodes", type=int, default=10, help="amc: random episodes")
     p.add_argument("--amc-action", choices=("share", "reach", "bounds", "wall"), default="share",
                    help="amc: an action scales the group's fair share of the latency the "
-                   "budget still leaves (default), or spans the group's bounds, clipped by the "
-                   "action wall (AMC), or the group's minimum to the most the wall allows")
+                   "budget still leaves, 0 to twice it (default); reach: as share up to 0.5, "
+                   "then on to all the budget leaves; bounds: spans the group's bounds, "
+                   "clipped by the action wall (AMC); wall: the group's minimum to the most "
+                   "the wall allows")
     p.add_argument("--amc-actor-reg", type=float, metavar="W",
                    help="amc: weight of the penalty on the actor's pre-tanh activation beyond "
                    "+-2, which keeps it from saturating (default 1; 0: off, as in studies made "

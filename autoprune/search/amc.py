@@ -44,7 +44,11 @@ Deviations from the paper, each for a reason:
   slack to the first groups that ask under a tight budget, so at budget 0.3 its agents built
   the same few policies. Measured in ``bench/search_quality.py`` (3 seeds, 300 candidates):
   best val acc 20.85% (share) against 17.0% (bounds) at budget 0.3, 45.3% against 44.2% at
-  0.5.
+  0.5. With shares no group can spend more than twice its fair share, so at budget 0.5 the
+  stage-3 residual stream of ResNet-20 (the winners of random keep it whole) reaches its full
+  width only where earlier groups spend little; ``"reach"`` carries the action on from the fair
+  share (0.5) to the whole slack (1). It measured no better (47.65% against 48.4% at 0.5, 3
+  seeds, every winner with that stream whole in both), so it is an option, not the default.
 - The run length is counted in evaluated candidates, not episodes (AMC: a fixed number of
   episodes): an episode that repeats an earlier policy is served from the cache, so 300
   episodes evaluated only 125 to 213 candidates, and amc was compared with searchers that
