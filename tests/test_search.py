@@ -176,18 +176,40 @@ def _clipped_in_order(wall, space, proposal):
     return Policy.from_dict(out)
 
 
-def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
-    _, space, pred, mid, _ = setup
+def _shipped_predictor(name):
+    """The predictor of a table shipped in latency_tables/cpu-ort/ for ``name`` on 28x28
+    Fashion-MNIST input: measured, committed, so the same in every run of a test. (Read as it
+    is: the CPU check that refuses it for a search on another machine is not what is tested.)"""
+    from autoprune.latency.devices import LATENCY_TABLES_DIR
+    from autoprune.latency.profile import LatencySetup, model_ops
+    from autoprune.latency.table import LatencyTable
+
+    model = build_model(ModelSpec(name, num_classes=10, in_channels=1, input_size=28)).eval()
+    x = torch.zeros(1, 1, 28, 28)
+    space = SearchSpace.from_model(model, x, SpaceSpec.for_family("resnet"), round_to=8)
+    table = LatencyTable.load(LATENCY_TABLES_DIR / "cpu-ort" / f"{name}.json")
+    return LatencySetup(get_device("cpu-ort"), space, model_ops(model, x, space), table,
+                        model_key(name, tuple(x.shape))).predictor()
+
+
+@pytest.mark.parametrize("table", ["fixture", "resnet20", "resnet56"])
+def test_projection_is_feasible_and_keeps_the_proposal_shape(setup, table):
+    """Projection onto the budget on the fixture's table (measured now, for an 8x8 model) and on
+    the shipped ResNet tables. Whether it spares the later groups is asserted on the shipped
+    ones only: the 8x8 model's latency is mostly fixed cost, so its table is mostly noise (its
+    smallest policy predicted at 0.38 to 0.73 of the unpruned one in 8 builds here), and
+    clipping collapsed 1.1x to 4x as many groups as projecting, once (in CI) fewer."""
+    pred = setup[2] if table == "fixture" else _shipped_predictor(table)
+    space = pred.space
     lo, hi = pred.min_latency(), pred.max_latency()
     late = space.groups[len(space) // 2:]
 
     def collapsed(policy, proposal):  # later groups cut to their minimum, proposed wider
         return sum(policy[g.name] == g.min_channels < proposal[g.name] for g in late)
 
-    # the mid budget, where many proposals fit, and a tight one a tenth of the way from the
-    # smallest policy, where most do not
-    tight = lo + 0.1 * (hi - lo)
-    for budget in (mid, tight):
+    # halfway from the smallest policy to the unpruned model, where many proposals fit, and a
+    # tight budget a tenth of the way, where most do not
+    for budget in (lo + 0.5 * (hi - lo), lo + 0.1 * (hi - lo)):
         wall = BudgetWall(space, pred, budget)
         rng = np.random.default_rng(1)
         by_clipping = by_projecting = 0
@@ -201,11 +223,12 @@ def test_projection_is_feasible_and_keeps_the_proposal_shape(setup):
                 assert p.to_dict() == proposal  # a feasible proposal is left alone
             by_projecting += collapsed(p, proposal)
             by_clipping += collapsed(_clipped_in_order(wall, space, proposal), proposal)
-    # The point of projecting: clipping in group order spends a tight budget on the first
-    # groups and cuts the later ones to their minimum whatever was proposed for them. On 18
-    # tables profiled here clipping cut 1.25x to 3.4x as many at the tight budget. (At the mid
-    # budget few proposals are over it and the counts are small: which is lower is noise.)
-    assert by_projecting < by_clipping, (by_projecting, by_clipping)
+        # The point of projecting: clipping in group order spends the budget on the first
+        # groups and cuts the later ones to their minimum whatever was proposed for them. On
+        # the shipped tables clipping cut 2.4x to 4.6x as many, at both budgets, with three
+        # seeds of proposals.
+        if table != "fixture":
+            assert 2 * by_projecting < by_clipping, (budget, by_projecting, by_clipping)
 
 
 def test_a_repeat_moves_to_a_feasible_neighbour_not_yet_evaluated(setup):
