@@ -259,21 +259,36 @@ def test_a_repeat_moves_to_a_feasible_neighbour_not_yet_evaluated(setup):
     assert wall.unseen_near(p, {p}.__contains__, rng, hops=0, draws=0) == p
 
 
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped ResNet-20 trained on Fashion-MNIST, the data, and the predictor of its shipped
+    cpu-ort table: all of it committed, so a search on it is the same in every run."""
+    from autoprune.data import load_dataset
+    from autoprune.models import load_state, read_checkpoint
+
+    path = ROOT / "autoprune" / "weights" / "resnet20-fashion-mnist.pt"
+    ckpt = read_checkpoint(path)
+    model = build_model(ModelSpec.from_dict(ckpt["model"]))
+    load_state(model, ckpt["state_dict"], source=str(path))
+    return model.eval(), load_dataset("fashion-mnist"), _shipped_predictor("resnet20")
+
+
 @pytest.mark.parametrize("name", ["random", "evolution"])
-def test_searchers_evaluate_a_new_policy_each_trial_at_a_tight_budget(setup, digits, tmp_path,
-                                                                      name):
+def test_searchers_evaluate_a_new_policy_each_trial_at_a_tight_budget(shipped, tmp_path, name):
     """A twentieth of the way from the smallest policy to the unpruned model few policies fit,
     and projection sends many proposals onto the same ones: told which were evaluated, every
     trial evaluates a new policy. Untold, NSGA-II repeats some (its children repeat their
-    parents' policies; served from the cache, a trial with no new candidate). random's
-    independent draws collide only by chance (0 to a few in 24, by the table's calibration:
-    none once in CI), so only its told run is checked."""
-    model, space, pred, _, _ = setup
+    parents' policies; served from the cache, a trial with no new candidate): 18 distinct of
+    24 here. random's independent draws collide only by chance, so only its told run is
+    checked. On the shipped table, not the digits fixture's: that one is mostly noise, and on
+    some builds so many policies fit that untold NSGA-II repeated none."""
+    model, data, pred = shipped
+    space = pred.space
     lo, hi = pred.min_latency(), pred.max_latency()
     tight = lo + 0.05 * (hi - lo)
     distinct = {}
     for known in (False, True) if name == "evolution" else (True,):
-        ev = Evaluator(model, digits, space, pred, budget_ms=tight, val_images=50, bn_batches=1)
+        ev = Evaluator(model, data, space, pred, budget_ms=tight, val_images=50, bn_batches=1)
         options = {"population": 4} if name == "evolution" else {}
         searcher = SEARCHERS[name]()(space, pred, tight, seed=0, **options)
         ctx, found = _ctx(ev, 24, tmp_path / str(known), name, known=known)
@@ -1111,17 +1126,18 @@ def test_changed_config_is_refused(cli_env, tmp_path):
     assert json.loads(proc.stdout)["best"]["feasible"]
 
 
-def _stale_tables(tables, dest):
-    """A copy of ``tables`` whose calibration predicts every latency at half what this machine
-    measures: what a table built on a faster machine, or before a slowdown, looks like."""
+def _stale_tables(tables, dest, factor):
+    """A copy of ``tables`` whose calibration predicts every latency at ``factor`` (< 1) of what
+    this machine measures: what a table built on a faster machine, or before a slowdown, looks
+    like."""
     import shutil
 
     shutil.copytree(tables, dest)
     path = dest / "cpu-ort" / "resnet20.json"
     table = json.loads(path.read_text())
     for cal in table["calibration"].values():
-        cal["scale"] *= 0.5
-        cal["offset_ms"] *= 0.5
+        cal["scale"] *= factor
+        cal["offset_ms"] *= factor
     path.write_text(json.dumps(table))
     return dest
 
@@ -1140,18 +1156,23 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
     full = json.loads(run_cli("measure", "--target-device", "cpu-ort", "--weights", ckpt,
                               "--tables", tables, "--json", check=True).stdout)["median_ms"]
     budget_ms = min((pred["smallest_ms"] + pred["full_ms"]) / 2, full / 1.2)
-    stale, runs = _stale_tables(tables, tmp_path / "stale"), tmp_path / "runs"
+    # the stale table predicts at half the fresh one's latency, or less where the fresh one
+    # puts the smallest policy under 0.6 of the unpruned model (the digits model's table put it
+    # at 0.38 to 0.73 in 8 builds here): the uniform part below needs the stale table's
+    # unpruned model well under the fresh table's smallest policy
+    factor = min(0.5, pred["smallest_ms"] / pred["full_ms"] / 1.2)
+    stale, runs = _stale_tables(tables, tmp_path / "stale", factor), tmp_path / "runs"
     # `--budget-check 0`: the search trusts the stale table, as one made before the check
     # did (the check would tighten its budget by 1.25, and the end check has less to do)
     args = ["search", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", stale,
             "--latency-budget-ms", f"{budget_ms:.6f}", "--runs", runs, "--val-images", "200",
             "--quiet", "--budget-check", "0"]
 
-    # uniform: at a budget just over the stale table's unpruned model (half the fresh table's)
-    # its best is the unpruned model, and its fallbacks are cheaper uniform policies; the
-    # fresh table puts every policy of the space well over that budget, so all of them
+    # uniform: at a budget just over the stale table's unpruned model (``factor`` of the fresh
+    # table's) its best is the unpruned model, and its fallbacks are cheaper uniform policies;
+    # the fresh table puts every policy of the space well over that budget, so all of them
     # measure over it: nothing fits, the predicted best stands and the user is warned
-    budget_u = pred["full_ms"] / 2 * 1.001
+    budget_u = pred["full_ms"] * factor * 1.001
     assert pred["smallest_ms"] > 1.15 * budget_u
     i = args.index("--latency-budget-ms")
     uniform_args = [*args[:i + 1], f"{budget_u:.6f}", *args[i + 2:]]
@@ -1162,8 +1183,8 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
     assert best["measured_over_budget"] > 1.05
     assert f"none of the {n_uniform} candidates measured" in " ".join(proc.stderr.split())
     assert "no candidate within" in proc.stdout
-    # and the unpruned model, measured at about twice its prediction, says the table is stale;
-    # both hints name the table this search used (its --tables and --weights)
+    # and the unpruned model, measured at 1 / factor (at least twice) its prediction, says the
+    # table is stale; both hints name the table this search used (its --tables and --weights)
     said = " ".join(proc.stderr.split())
     assert "the latency table predicts the unpruned model at" in said
     for flag in ("--recalibrate", "--rebuild"):
