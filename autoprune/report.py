@@ -41,14 +41,14 @@ def measure_pair(backend, unpruned, pruned, input_shape, *, rounds: int = 3
     spell caught the median: alternating rounds are added, one at a time and up to
     ``EXTRA_ROUNDS`` x ``rounds`` more, until the median of both models has settled (every
     round is kept in ``rounds_ms``; ``settled`` says whether the median did)."""
-    from .latency.profile import measure_alternating, median_of_passes
+    from .latency.profile import measure_alternating, median_of_passes, prepare_models
 
-    models = [unpruned, pruned]
-    u, p = measure_alternating(backend, models, input_shape, rounds=rounds)
-    for _ in range(EXTRA_ROUNDS * rounds):
+    timers = prepare_models(backend, [unpruned, pruned], input_shape)
+    u, p = measure_alternating(timers, rounds=rounds)
+    for extra in range(EXTRA_ROUNDS * rounds):
         if all(settled([s.median_ms for s in st]) for st in (u, p)):
             break
-        more_u, more_p = measure_alternating(backend, models, input_shape, rounds=1)
+        more_u, more_p = measure_alternating(timers, rounds=1, start=rounds + extra)
         u += more_u
         p += more_p
 

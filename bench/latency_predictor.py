@@ -6,6 +6,7 @@ onnxruntime, untuned TVM and tuned TVM side by side. Prints one JSON document.
     python bench/latency_predictor.py                       # the full benchmark
     python bench/latency_predictor.py --models resnet20 --devices cpu-ort --n 20
     python bench/latency_predictor.py --tables runs/tables  # another CPU: its own tables there
+    python bench/latency_predictor.py --estimators runs/bench-latency/cpu-ort-mobilenetv2.json
 
 Targets (issue 3): on cpu-ort >= 95% of 50 policies within +-10% and Kendall tau >= 0.9,
 beating the MACs proxy on every model; on cpu-tvm >= 90% within +-10%.
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,6 +35,7 @@ from autoprune.latency.profile import (  # noqa: E402
     scatter_png,
     validate,
 )
+from autoprune.latency.stats import VALIDATE_PASSES  # noqa: E402
 from autoprune.latency.table import table_path  # noqa: E402
 from autoprune.models import ModelSpec, build_model  # noqa: E402
 from autoprune.space import SearchSpace, SpaceSpec  # noqa: E402
@@ -45,13 +48,44 @@ def _first_pass_scores(v: dict) -> dict:
                            [r["measured_rounds_ms"][0] for r in v["rows"]])
 
 
+ESTIMATORS = {"quickest": lambda m: m.min(axis=1),
+              "lower_quartile": lambda m: np.percentile(m, 25, axis=1),
+              "median": lambda m: np.median(m, axis=1), "mean": lambda m: m.mean(axis=1)}
+
+
+def estimator_agreement(path: str, *, halves=(3, 5, 10), splits: int = 200) -> dict:
+    """How well each way of reducing a policy's passes to one latency agrees with itself: the
+    passes of a validation JSON (``measured_rounds_ms``) split at random into two disjoint
+    sets of ``h`` passes, each set reduced, and Kendall tau taken between the two; the mean
+    over ``splits`` random splits, per estimator and ``h``."""
+    from scipy.stats import kendalltau
+
+    rounds = np.array([r["measured_rounds_ms"] for r in json.loads(Path(path).read_text())
+                       ["rows"]])
+    rng = np.random.default_rng(0)
+    out = {"file": path, "policies": rounds.shape[0], "passes": rounds.shape[1]}
+    for name, reduce in ESTIMATORS.items():
+        out[name] = {}
+        for h in halves:
+            if 2 * h > rounds.shape[1]:
+                continue
+            taus = [kendalltau(reduce(rounds[:, i[:h]]), reduce(rounds[:, i[h:2 * h]])).statistic
+                    for i in (rng.permutation(rounds.shape[1]) for _ in range(splits))]
+            out[name][f"{h}_passes"] = round(float(np.mean(taus)), 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--estimators", nargs="+", metavar="JSON",
+                    help="measure nothing: for validation JSONs written earlier, print how well "
+                    "the quickest pass, lower quartile, median and mean of a policy's passes "
+                    "agree with themselves (Kendall tau between disjoint random halves)")
     ap.add_argument("--models", default="resnet20,resnet56,mobilenetv2")
     ap.add_argument("--devices", default="cpu-ort,cpu-tvm")
     ap.add_argument("--n", type=int, default=50, help="random policies per model and device")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="passes over the policies; each one's latency is its median")
+    ap.add_argument("--rounds", type=int, default=VALIDATE_PASSES,
+                    help="passes over the policies; each one's latency is its quickest pass")
     ap.add_argument("--data", default="fashion-mnist", help="sets the input shape")
     ap.add_argument("--compare-runtimes", default="cpu-ort,cpu-tvm-untuned,cpu-tvm",
                     help="devices on which each unpruned model is measured side by side")
@@ -61,6 +95,23 @@ def main() -> int:
                     "CPU's tables are built, so the shipped ones stay as they are")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
+    if args.estimators:
+        out = []
+        for f in args.estimators:
+            try:
+                out.append(estimator_agreement(f))
+            except OSError as e:
+                print(f"latency_predictor.py: error: --estimators {f}: cannot read it "
+                      f"({e.strerror}); pass a validation JSON an earlier run wrote",
+                      file=sys.stderr)
+                return 2
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                print(f"latency_predictor.py: error: --estimators {f}: not a validation JSON "
+                      f"with the passes of each policy ({type(e).__name__}: {e}); pass one "
+                      "that `--out` or `autoprune profile --validate` wrote", file=sys.stderr)
+                return 2
+        print(json.dumps(out, indent=2))
+        return 0
     torch.set_num_threads(1)
     data = load_dataset(args.data)
     out_dir = Path(args.out)

@@ -95,3 +95,29 @@ def assert_user_error_bench(proc, script, needle):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(f"{script}: error: ") and needle in lines[0], lines[0]
+
+
+def test_latency_predictor_compares_estimators_of_a_validation(cli_env, tmp_path):
+    """``--estimators``: for a validation JSON (here the digits model's, 4 policies in 6
+    passes, through the real CLI), each estimator's agreement with itself over disjoint halves
+    of the passes, as many passes per half as the file holds; a file that is not one is
+    refused in one line."""
+    from .conftest import run_cli
+
+    ckpt, tables, _ = cli_env
+    run_cli("profile", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", tables,
+            "--validate", "4", "--validate-rounds", "6", "--out", tmp_path / "val", "--quiet",
+            check=True)
+    (path,) = (tmp_path / "val").glob("*.json")
+    proc = _bench("latency_predictor.py", "--estimators", path)
+    assert proc.returncode == 0, proc.stderr
+    (out,) = json.loads(proc.stdout)
+    assert (out["policies"], out["passes"]) == (4, 6)
+    for name in ("quickest", "lower_quartile", "median", "mean"):
+        (tau,) = out[name].values()  # 6 passes: halves of 3 only
+        assert list(out[name]) == ["3_passes"] and -1 <= tau <= 1
+    (tmp_path / "bad.json").write_text('{"rows": [{}]}')
+    assert_user_error_bench(_bench("latency_predictor.py", "--estimators", tmp_path / "bad.json"),
+                            "latency_predictor.py", "not a validation JSON")
+    assert_user_error_bench(_bench("latency_predictor.py", "--estimators", tmp_path / "no.json"),
+                            "latency_predictor.py", "cannot read it")

@@ -21,8 +21,10 @@ class Backend(abc.ABC):
     """Measures latency on one target device.
 
     Call order: ``Backend(device)``, then optionally ``prepare_ops(sigs)`` before measuring
-    many ops, then any number of ``measure_model`` / ``measure_op`` / ``per_op`` calls, then
-    ``close()`` (also done by using the backend as a context manager).
+    many ops, then any number of ``measure_model`` / ``measure_op`` / ``per_op`` calls, or
+    ``prepare_model`` / ``prepare_op`` calls and calls of the timers they return, then
+    ``close()`` (also done by using the backend as a context manager). A runtime implements
+    ``_prepare_module`` (and ``per_op``, ``static_versions``); the rest follows from it.
     """
 
     def __init__(self, device: TargetDevice):
@@ -33,9 +35,16 @@ class Backend(abc.ABC):
         # scratch space for exported/compiled files; removed by close()
         self._tmp = tempfile.TemporaryDirectory(prefix=f"autoprune-{device.runtime}-")
 
-    @abc.abstractmethod
     def measure_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> LatencyStat:
         """Latency of one forward pass of the whole model (batch = the device's)."""
+        return self.prepare_model(model, input_shape)()
+
+    def prepare_model(self, model: nn.Module,
+                      input_shape: tuple[int, ...]) -> Callable[[], LatencyStat]:
+        """A timer for ``model``: each call measures it once more, as ``measure_model`` does.
+        The export or compile is done once, here, so many passes over many models pay only
+        for their timing."""
+        return self._prepare_module(model, (torch.randn(self.device.batch, *input_shape[1:]),))
 
     def prepare_ops(self, sigs: list[OpSig]) -> None:
         """Get ready to measure many ops (a tuned TVM device tunes them all in one run)."""
@@ -43,13 +52,18 @@ class Backend(abc.ABC):
 
     def measure_op(self, sig: OpSig) -> LatencyStat:
         """Latency of one op (layer + fused post-ops) in isolation."""
+        return self.prepare_op(sig)()
+
+    def prepare_op(self, sig: OpSig) -> Callable[[], LatencyStat]:
+        """A timer for one op, as `prepare_model` is for a whole model."""
         module = OpModule(sig)
-        return self._measure_module(module, module.example_inputs(self.device.batch))
+        return self._prepare_module(module, module.example_inputs(self.device.batch))
 
     @abc.abstractmethod
-    def _measure_module(self, module: nn.Module,
-                        inputs: tuple[torch.Tensor, ...]) -> LatencyStat:
-        """Compile/export ``module`` for ``inputs`` and time it."""
+    def _prepare_module(self, module: nn.Module,
+                        inputs: tuple[torch.Tensor, ...]) -> Callable[[], LatencyStat]:
+        """Export or compile ``module`` for ``inputs`` once; the returned callable times it
+        (warm-up, then repeats) and may be called any number of times."""
 
     @abc.abstractmethod
     def per_op(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:

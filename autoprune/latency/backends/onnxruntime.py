@@ -3,6 +3,7 @@ all graph optimisations on (BN folded, conv+add+relu fused), timed until the med
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ...export import ONNX_OPSET
-from ..stats import LatencyStat, time_callable
+from ..stats import time_callable
 from . import Backend
 
 
@@ -31,6 +32,7 @@ class OrtBackend(Backend):
 
         self._ort = onnxruntime
         self.max_seconds = max_seconds
+        self._names = itertools.count()  # one scratch file name per export
 
     def session(self, path: str | Path, *, profile: bool = False):
         ort = self._ort
@@ -49,16 +51,14 @@ class OrtBackend(Backend):
     def _feeds(self, session, inputs):
         return {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
 
-    def _measure_module(self, module, inputs):
-        path = Path(self._tmp.name) / "m.onnx"
+    def _prepare_module(self, module, inputs):
+        path = Path(self._tmp.name) / f"m{next(self._names)}.onnx"
         export_module(module, inputs, path)
         session = self.session(path)
+        path.unlink()  # the session holds the graph; the scratch folder does not grow
         feeds = self._feeds(session, inputs)
-        return time_callable(lambda: session.run(None, feeds), max_seconds=self.max_seconds)
-
-    def measure_model(self, model, input_shape) -> LatencyStat:
-        x = torch.randn(self.device.batch, *input_shape[1:])
-        return self._measure_module(model, (x,))
+        return lambda: time_callable(lambda: session.run(None, feeds),
+                                     max_seconds=self.max_seconds)
 
     def per_op(self, model, input_shape) -> dict[str, float]:
         """Per-node median ms from onnxruntime's profiler (after fusion: names are the

@@ -229,18 +229,20 @@ class TvmBackend(Backend):
         return [o.numpy() for o in out]
 
     # ------------------------------------------------------------------ measure
-    def _measure_module(self, module, inputs):
+    def _prepare_module(self, module, inputs):
+        """Compile (or take from the cache) and load ``module`` once; the returned callable
+        warms it up and times it."""
         vm = self.load(self.compile(module, inputs))
         args = [self._tvm.runtime.tensor(x.numpy(), self.dev) for x in inputs]
         timer = vm.time_evaluator("main", self.dev, number=1, repeat=self.repeat,
                                   min_repeat_ms=self.min_repeat_ms)
-        vm.time_evaluator("main", self.dev, number=1, repeat=3)(*args)  # warm-up
-        results = timer(*args).results
-        return LatencyStat.from_samples([r * 1e3 for r in results])
+        warm = vm.time_evaluator("main", self.dev, number=1, repeat=3)
 
-    def measure_model(self, model, input_shape) -> LatencyStat:
-        x = torch.randn(self.device.batch, *input_shape[1:])
-        return self._measure_module(model, (x,))
+        def measure() -> LatencyStat:
+            warm(*args)
+            return LatencyStat.from_samples([r * 1e3 for r in timer(*args).results])
+
+        return measure
 
     def per_op(self, model, input_shape) -> dict[str, float]:
         """Per-kernel median ms via the VM's instrumentation hook (the VM profiler is gone in
