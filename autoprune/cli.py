@@ -506,7 +506,7 @@ def _latency_setup(loaded: Loaded, args, device, *, quiet: bool):
 
 def _summary_table(title: str, rows: list[tuple[str, object]], full_ms: float, study):
     """Best vs uniform vs unpruned: predicted latency, and measured where the study measured it
-    on the device (median of 3 measurements; "-" where it did not)."""
+    on the device (the quickest of 3 passes; "-" where it did not)."""
     from rich.table import Table
 
     table = Table(title=title)

@@ -243,9 +243,9 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
             episodes, moved = state["episodes_done"], state.get("episodes_moved")
     cands = list(ev.cache.values())
     eval_s = [c.eval_s for c in cands]
-    # each a median of three separate measurements (one session can catch a spike of this
-    # shared machine: seen here, 0.399 ms once for a policy that measures 0.271-0.275 ms),
-    # alternating with the unpruned model, whose latency the budget is a fraction of
+    # each the quickest of three passes (one pass can catch a spike of this shared machine:
+    # seen here, 0.399 ms once for a policy that measures 0.271-0.275 ms), alternating with
+    # the unpruned model, whose latency the budget is a fraction of
     known: dict[str, dict] = {}
     measure = budget_measurer(backend, model, space, fraction=budget_f)
     t0 = time.perf_counter()
