@@ -261,7 +261,6 @@ SEPARATE_KINDS = ("depthwise",)  # op kinds that may get a scale of their own
 # policies within +-10%); on 32 (+2) it kept it (2.3%; 100% within +-10%, Kendall tau 0.856
 # against 0.814 for one scale on the same runs).
 CALIBRATE_N, CALIBRATE_N_KINDS = 16, 32
-CALIBRATE_ROUNDS, VALIDATE_ROUNDS = PASSES, VALIDATE_PASSES
 
 
 def calibration_count(ops) -> int:
@@ -318,7 +317,7 @@ def fit_kind_calibration(rest, kinds: dict[str, Any], measured, *,
 
 
 def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *,
-              n: int | None = None, seed: int = 0, rounds: int = CALIBRATE_ROUNDS,
+              n: int | None = None, seed: int = 0, rounds: int = PASSES,
               progress: bool = False) -> Calibration:
     """Fit measured = scale * sum(op ms) + offset on the full, smallest and ``n`` random
     policies (default `calibration_count`), weighting by 1/measured so the fit minimises
@@ -432,7 +431,7 @@ def estimate_scores(estimated, measured) -> dict[str, float]:
 
 
 def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int = 50,
-             seed: int = 1, rounds: int = VALIDATE_ROUNDS,
+             seed: int = 1, rounds: int = VALIDATE_PASSES,
              progress: bool = False) -> dict[str, Any]:
     """Measure ``n`` random policies whole and compare with the predictor, with a
     MACs-proportional proxy fitted (least squares) on the same measurements, and with the sum
