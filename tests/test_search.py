@@ -415,6 +415,9 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
     assert all(t.state == TrialState.COMPLETE for t in stored.trials)
     assert [t.user_attrs["policy"] for t in stored.trials] == [c.policy.to_dict() for c in found]
     assert stored.trials[0].system_attrs.get("fixed_params")  # the uniform seed
+    # each trial's parameters are the genome of the policy it evaluated (`write_genome`)
+    genome = lambda p: {g.name: g.choices.index(p[g.name]) for g in space.groups}  # noqa: E731
+    assert [t.params for t in stored.trials] == [genome(c.policy) for c in found]
 
     # trial 5 was logged (evaluated) but the process died before the file got it
     orphan = searcher.wall.project({g.name: g.min_channels for g in space.groups})
@@ -432,7 +435,6 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
     assert ev.evaluations - evaluations == 1 and found2[1].policy not in done.values()
 
     # leftovers of an older version, which sampled in the file: a RUNNING and a WAITING trial
-    genome = lambda p: {g.name: g.choices.index(p[g.name]) for g in space.groups}  # noqa: E731
     running = searcher.wall.project({g.name: g.choices[1] for g in space.groups})
     waiting = searcher.wall.project({g.name: g.choices[-1] if i % 2 else g.choices[0]
                                      for i, g in enumerate(space.groups)})
@@ -449,6 +451,35 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
     assert [c.policy for c in found3] == [running, waiting]
     assert [t.user_attrs["policy"] for t in stored.trials[9:]] == [running.to_dict(),
                                                                    waiting.to_dict()]
+
+
+@pytest.mark.parametrize("where", ["memory", "sqlite"])
+def test_a_trial_keeps_the_genome_of_the_policy_it_evaluated(tmp_path, where):
+    """`write_genome` replaces a running trial's proposed parameters by the genome evaluated,
+    in the in-memory copy a study's own file is sampled from and in an RDB storage
+    (`--storage`), where Optuna's own call cannot give a parameter a second value; a parameter
+    left as proposed is not written."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    from autoprune.search.evolution import write_genome
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 's.db'}") if where == "sqlite" else None
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.NSGAIISampler(population_size=4, seed=0))
+    trials = []
+    for k in range(3):
+        trial = study.ask()
+        proposed = {f"g{i}": trial.suggest_int(f"g{i}", 0, 7) for i in range(4)}
+        evaluated = {**proposed, "g0": (proposed["g0"] + 3) % 8, "g3": (proposed["g3"] + k) % 8}
+        write_genome(study, trial, evaluated)
+        study.tell(trial, [0.1 * k, 1.0])
+        trials.append(evaluated)
+    if storage is not None:
+        study = optuna.load_study(study_name=study.study_name, storage=storage)
+        with sqlite3.connect(tmp_path / "s.db") as con:  # one row per parameter still
+            assert con.execute("SELECT COUNT(*) FROM trial_params").fetchone()[0] == 12
+    assert [t.params for t in study.trials] == trials
 
 
 def test_finished_trials_written_with_plain_inserts_read_back_as_optuna_writes_them(tmp_path):
