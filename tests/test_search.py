@@ -457,8 +457,7 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
 def test_a_trial_keeps_the_genome_of_the_policy_it_evaluated(tmp_path, where):
     """`write_genome` replaces a running trial's proposed parameters by the genome evaluated,
     in the in-memory copy a study's own file is sampled from and in an RDB storage
-    (`--storage`), where Optuna's own call cannot give a parameter a second value; a parameter
-    left as proposed is not written."""
+    (`--storage`), where Optuna's own call cannot give a parameter a second value."""
     import optuna
     from optuna.storages import RDBStorage
 

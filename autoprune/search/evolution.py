@@ -92,10 +92,10 @@ class EvolutionSearcher(Searcher):
             # a repeat is moved to a neighbour not yet evaluated, unless the trial was enqueued:
             # the seed, or a logged policy proposed again to be served from the cache (the
             # trial read its enqueued parameters from the storage when it began: no query)
-            if not trial._fixed_params and ctx.known(policy):
-                policy = self.wall.unseen_near(
-                    policy, ctx.known, np.random.default_rng([worker_seed, trial.number]))
             if not trial._fixed_params:
+                if ctx.known(policy):
+                    policy = self.wall.unseen_near(
+                        policy, ctx.known, np.random.default_rng([worker_seed, trial.number]))
                 write_genome(study, trial, self._genome(policy))
             cand = ctx.evaluate(policy, trial.number)
             ctx.on_candidate(cand)
@@ -127,16 +127,14 @@ def write_genome(study, trial, genome: dict[str, int]) -> None:
     a parameter; an RDB storage (``--storage URL``) refuses a second value for one, so its rows
     are updated in one transaction. Other workers read this trial's parameters only once it is
     complete."""
-    import optuna
-
     changed = {name: idx for name, idx in genome.items() if trial.params[name] != idx}
     if not changed:
         return
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, optuna.storages.RDBStorage):
+    backend = _rdb_backend(study)
+    if backend is None:
         for name, idx in changed.items():
-            storage.set_trial_param(trial._trial_id, name, idx, trial.distributions[name])
+            study._storage.set_trial_param(trial._trial_id, name, idx,
+                                           trial.distributions[name])
         return
     from optuna.storages._rdb import models
     from sqlalchemy import bindparam, update
@@ -149,6 +147,15 @@ def write_genome(study, trial, genome: dict[str, int]) -> None:
                      [{"b_trial": trial._trial_id, "b_name": name,
                        "b_value": trial.distributions[name].to_internal_repr(idx)}
                       for name, idx in changed.items()])
+
+
+def _rdb_backend(study):
+    """The `RDBStorage` under ``study``'s storage (Optuna wraps one in a cache), or None where
+    the storage is of another kind (the in-memory working copy)."""
+    import optuna
+
+    backend = getattr(study._storage, "_backend", study._storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
 
 
 def _sqlite_wal(storage, *, shared: bool = False) -> None:
@@ -246,12 +253,11 @@ def append_trial(study, trial) -> None:
     of another kind, or a trial with intermediate values, goes through ``add_trial``."""
     import json
 
-    import optuna
     from optuna.distributions import distribution_to_json
     from sqlalchemy import func, insert, select
 
-    backend = getattr(study._storage, "_backend", study._storage)
-    if not isinstance(backend, optuna.storages.RDBStorage) or trial.intermediate_values:
+    backend = _rdb_backend(study)
+    if backend is None or trial.intermediate_values:
         study.add_trial(trial)
         return
     from optuna.storages._rdb import models
