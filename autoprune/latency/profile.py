@@ -4,8 +4,8 @@ whole-model measurements.
 Profiling is incremental: entries already in the table (or in any compatible table of the same
 device, since models share signatures) are reused, and the table is saved atomically every few
 entries, so an interrupted run loses little and a re-run continues. A run that adds entries to
-a table measures some of its earlier ones again and puts the new ones on the table's timebase
-(`_timebase`): a shared machine's speed moves between sessions.
+a table measures some of its earlier ones again in the same passes and puts the new ones on the
+table's timebase (`_timebase`): a shared machine's speed moves between sessions.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # over a chunk of ResNet ops takes 2 to 3 s here, so an op's passes span 10 s or more, and the
 # chunk's sessions (a few MB each) are held in memory meanwhile. The table is saved after each.
 OP_PASSES, OP_CHUNK = 5, 200
-ANCHORS = 8  # entries already in a table that a run adding to it measures again, twice each
+ANCHORS = 8  # entries already in a table that a run adding to it measures again, with each chunk
 # a timebase that moved by more than this is reported as a warning (the new entries are scaled
 # either way); beyond it a rebuild is the better remedy
 TIMEBASE_WARN = 0.15
@@ -150,29 +150,27 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
     if missing:
         backend.prepare_ops(missing)
     # entries already in the table were measured at another time, when the machine may have run
-    # faster or slower: some of them are measured again now, before and after the new ones, and
-    # the new ones are put on the table's timebase (see `_timebase`)
+    # faster or slower: some of them are measured again in the same passes as the new ones, and
+    # each chunk of new ones is put on the table's timebase by its own anchors (see `_timebase`)
     anchor_sigs = [OpSig.from_key(k) for k in anchors]
-    now = {s.key: [stat] for s, stat in measure_ops(backend, anchor_sigs)}
-    factor = _timebase(table, now)
-    new: dict[str, LatencyStat] = {}
+    factors: list[float] = []
     try:
-        with bar(f"profile {device.name}", len(missing) * OP_PASSES, enabled=progress,
-                 fields="{task.fields[op]}") as pbar:
-            for sig, stat in measure_ops(backend, missing, pbar=pbar,
-                                         on_chunk=table.save):
-                new[sig.key] = stat
-                table.entries[sig.key] = _scaled(stat, factor)
+        n_chunks = -(-len(missing) // OP_CHUNK)
+        with bar(f"profile {device.name}", (len(missing) + n_chunks * len(anchors)) * OP_PASSES,
+                 enabled=progress, fields="{task.fields[op]}") as pbar:
+            for part, again in measure_ops(backend, missing, anchors=anchor_sigs, pbar=pbar):
+                factor = _timebase(table, dict(zip(anchors, again, strict=True)))
+                factors.append(factor)
+                for sig, stat in part:
+                    table.entries[sig.key] = _scaled(stat, factor)
+                table.save()
         if anchors:
-            for s, stat in measure_ops(backend, anchor_sigs):
-                now[s.key].append(stat)
-            factor = _timebase(table, now)
-            for k, stat in new.items():
-                table.entries[k] = _scaled(stat, factor)
+            factor = float(np.median(factors))
             table.extensions.append({
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "added": len(new), "anchors": len(anchors), "scale": round(factor, 4)})
-            _report_timebase(factor, len(anchors), len(new), table)
+                "added": len(missing), "anchors": len(anchors), "scale": round(factor, 4),
+                **({"chunk_scales": [round(f, 4) for f in factors]} if len(factors) > 1 else {})})
+            _report_timebase(factor, len(anchors), len(missing), table)
     finally:
         table.save()  # what was measured is kept, even on Ctrl-C
     setup = LatencySetup(device, space, ops, table, key,
@@ -182,28 +180,33 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
     return setup
 
 
-def measure_ops(backend: Backend, sigs: list[OpSig], *, passes: int = OP_PASSES,
-                chunk: int = OP_CHUNK, pbar=None, on_chunk: Callable[[], object] | None = None
-                ) -> Iterator[tuple[OpSig, LatencyStat]]:
+def measure_ops(backend: Backend, sigs: list[OpSig], *, anchors: list[OpSig] | None = None,
+                passes: int = OP_PASSES, chunk: int = OP_CHUNK, pbar=None
+                ) -> Iterator[tuple[list[tuple[OpSig, LatencyStat]], list[LatencyStat]]]:
     """Each op's quickest of ``passes`` passes (`quickest_of_passes`), as whole models are
     measured to calibrate and validate: ``chunk`` ops at a time are prepared (exported or
     compiled once) and measured in alternating passes, so an op's passes lie seconds apart.
-    Yields every op of a chunk once the chunk is measured, then calls ``on_chunk`` (to save).
+    Yields, per chunk, its ops with their stats, and the stats of ``anchors`` (ops a table
+    already holds) measured in the same passes as that chunk, so that they ran at the same
+    speed of the machine as the chunk's ops.
 
     This machine runs for seconds at a time 1.5 to 2x slower, and an op timed once (for about
     10 ms) takes whatever speed it lands on: a ResNet-20 table measured so held entries 1.3 to
     2.6x what the same ops measured minutes later, a third of them over 1.25x, and its
-    calibration fitted a scale of 0.45 where quiet tables fit 0.85 to 0.91."""
+    calibration fitted a scale of 0.45 where quiet tables fit 0.85 to 0.91. Anchors measured
+    apart from the new ops, seconds before and after them, once landed on such a spell: the
+    new ops of a tiny model were scaled by half what their neighbours needed (CI, session
+    24)."""
+    anchors = anchors or []
     for start in range(0, len(sigs), chunk):
         part = sigs[start:start + chunk]
         if pbar is not None:
             pbar.update(op=f"ops {start + 1}-{start + len(part)} of {len(sigs)}, "
                            f"{passes} passes")
-        stats = measure_alternating([backend.prepare_op(s) for s in part], rounds=passes,
-                                    pbar=pbar)
-        yield from ((s, quickest_of_passes(st)) for s, st in zip(part, stats, strict=True))
-        if on_chunk is not None:
-            on_chunk()
+        stats = measure_alternating([backend.prepare_op(s) for s in part + anchors],
+                                    rounds=passes, pbar=pbar)
+        best = [quickest_of_passes(st) for st in stats]
+        yield list(zip(part, best[:len(part)], strict=True)), best[len(part):]
 
 
 def _anchor_keys(table: LatencyTable, sigs) -> list[str]:
@@ -216,7 +219,7 @@ def _anchor_keys(table: LatencyTable, sigs) -> list[str]:
     return [held[i][1] for i in sorted(set(idx))]
 
 
-def _timebase(table: LatencyTable, now: dict[str, list[LatencyStat]]) -> float:
+def _timebase(table: LatencyTable, now: dict[str, LatencyStat]) -> float:
     """The factor that puts a measurement taken now on the table's timebase: the median over
     the anchors of stored / measured now (1 with no anchors).
 
@@ -226,7 +229,7 @@ def _timebase(table: LatencyTable, now: dict[str, list[LatencyStat]]) -> float:
     looked cheaper than 8 and 32), and winners predicted within a budget of 0.3 measured 1.17
     to 1.30x over it (bench/README.md)."""
     ratios = [table.entries[k].median_ms / s.median_ms
-              for k, stats in now.items() for s in stats if s.median_ms > 0]
+              for k, s in now.items() if s.median_ms > 0]
     return float(np.median(ratios)) if ratios else 1.0
 
 
