@@ -381,6 +381,52 @@ def test_uniform_ladder_falls_back_to_cheaper_uniform_policies(setup):
     assert uniform_ladder(space, pred, budget, 1) == [best_uniform(space, pred, budget)]
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.5])
+def test_evolution_seeds_keep_each_group_whole_in_turn(fraction):
+    """The first generation's seeds on the shipped ResNet-20 table: the uniform policy at the
+    budget first, then one per group with that group wider than uniform (whole, or the widest
+    that fits) and paid for by the others; every seed feasible, none twice."""
+    from autoprune.search.baselines import best_uniform
+    from autoprune.search.evolution import seed_policies
+
+    pred = _shipped_predictor("resnet20")
+    space = pred.space
+    budget = pred.min_latency() + fraction * (pred.max_latency() - pred.min_latency())
+    wall = BudgetWall(space, pred, budget)
+    uniform = best_uniform(space, pred, budget)
+    seeds = seed_policies(space, wall, uniform)
+    assert seeds[0] == uniform and len(set(seeds)) == len(seeds)
+    assert all(pred.predict(p) <= budget * (1 + 1e-9) for p in seeds)
+    wider = {g.name for p in seeds[1:] for g in space.groups if p[g.name] > uniform[g.name]}
+    # each seed widens the group it holds (a group already whole in the uniform policy has
+    # none), and only pays with the others: none wider than uniform but the held one
+    held = [g for g in space.groups if uniform[g.name] < g.channels]
+    assert len(seeds) - 1 <= len(held) and wider <= {g.name for g in held}
+    for p in seeds[1:]:
+        (g,) = [g for g in space.groups if p[g.name] > uniform[g.name]]
+        assert p[g.name] == g.channels or p[g.name] == wall.max_keep({}, g.name)
+    assert len(wider) >= len(held) - 1
+
+
+def test_evolution_tries_every_seed_once_across_a_resume(setup, digits, tmp_path):
+    """A study stopped before its seeds are all tried enqueues the rest when it resumes, and
+    none of those it already tried."""
+    from autoprune.search.baselines import best_uniform
+    from autoprune.search.evolution import seed_policies
+
+    model, space, pred, budget, _ = setup
+    ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=100, bn_batches=1)
+    seeds = seed_policies(space, BudgetWall(space, pred, budget), best_uniform(space, pred, budget))
+    assert len(seeds) >= 3, seeds
+    found = []
+    for n in (2, len(seeds) + 2):
+        ctx, part = _ctx(ev, n, tmp_path, "evo", known=True)
+        SEARCHERS["evolution"]()(space, pred, budget, seed=0, population=4).run(ctx)
+        found += part
+    assert [c.policy for c in found[:len(seeds)]] == seeds
+    assert len({c.policy for c in found}) == len(found) == len(seeds) + 2
+
+
 def test_evolution_with_a_seed_is_reproducible(setup, tmp_path):
     """One process, one study: the same `--seed` proposes the same policies (only workers
     sharing a storage mix their process id into it, so they do not propose the same)."""

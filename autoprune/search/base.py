@@ -88,10 +88,12 @@ class BudgetWall:
                 return c
         return narrower[0] if narrower else keep
 
-    def project(self, proposed: dict[str, int]) -> Policy:
+    def project(self, proposed: dict[str, int], *, hold: str | None = None) -> Policy:
         """A feasible policy that keeps the *shape* of a proposal: every group is moved toward
         its minimum by one common factor, the smallest move that fits; the slack that
         snapping to the grid leaves is then handed back, group by group, up to the proposal.
+        A group named by ``hold`` keeps its proposed width while the others shrink (or, where
+        it does not fit even with them at their minimum, the widest that does).
 
         Clipping in group order (``max_keep``, AMC's per-step wall) puts every later group on its
         minimum whenever early groups overspend, whatever was proposed for it: at tight
@@ -102,9 +104,12 @@ class BudgetWall:
         want = {g.name: g.snap_down(proposed.get(g.name, g.channels)) for g in groups}
         if self.predictor.predict(want) <= self.budget_ms + self._tol:
             return Policy.from_dict(want)
+        if hold is not None:
+            want[hold] = min(want[hold], self.max_keep({}, hold))
 
         def shrunk(t: float) -> dict[str, int]:
-            return {g.name: g.snap_down(g.min_channels + t * (want[g.name] - g.min_channels))
+            return {g.name: want[g.name] if g.name == hold else
+                    g.snap_down(g.min_channels + t * (want[g.name] - g.min_channels))
                     for g in groups}
 
         lo, hi = 0.0, 1.0  # shrunk(0) is the smallest policy, feasible (the budget was checked)

@@ -10,10 +10,10 @@ neighbour not yet evaluated (``BudgetWall.unseen_near``), so every trial evaluat
 wherever the space has one: at a tight budget projection sends many proposals onto the same
 few policies. The trial's parameters are then rewritten to the genome of the policy it
 evaluated (`write_genome`), so the sampler breeds from and learns on feasible policies, not
-on the proposals they came from. The uniform policy at the budget is
-enqueued as a seed and takes part in breeding: the objective reads ``trial.relative_params``
-first (without that Optuna 5 gives an enqueued trial no NSGA-II generation, so it is never a
-parent).
+on the proposals they came from. The uniform policy at the budget, and for each group that
+policy with the group kept whole (`seed_policies`), are enqueued as seeds and take part in
+breeding: the objective reads ``trial.relative_params`` first (without that Optuna 5 gives an
+enqueued trial no NSGA-II generation, so it is never a parent).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 
 from ..errors import UserError
+from ..policy import Policy
 from .base import SearchContext, Searcher
 from .baselines import best_uniform
 
@@ -78,9 +79,11 @@ class EvolutionSearcher(Searcher):
         study, callbacks = open_search_study(
             ctx, self._sampler(worker_seed),
             directions=["maximize", "minimize"] if multi else ["maximize"], logged=logged)
-        if not study.trials:
-            seed_policy = best_uniform(self.space, self.predictor, self.budget_ms)
-            study.enqueue_trial(self._genome(seed_policy), skip_if_exists=True)
+        # the seeds a study has not tried yet (all of them, when it is new; after a kill, the
+        # rest: a seed's trial keeps its enqueued parameters, however it ended)
+        for p in seed_policies(self.space, self.wall,
+                               best_uniform(self.space, self.predictor, self.budget_ms)):
+            study.enqueue_trial(self._genome(p), skip_if_exists=True)
 
         groups = self.space.groups
 
@@ -109,6 +112,23 @@ class EvolutionSearcher(Searcher):
             return
         study.optimize(objective, n_trials=ctx.n_trials - done, gc_after_trial=False,
                        callbacks=callbacks)
+
+
+def seed_policies(space, wall, uniform: Policy) -> list[Policy]:
+    """The first generation's seeds: the uniform policy at the budget, then for each group that
+    policy with that group kept whole and the others shrunk by one common factor to pay for
+    it (`BudgetWall.project` with ``hold``; where the group does not fit whole even with the
+    others at their minimum, the widest that does). Repeats are dropped.
+
+    At budget 0.3 the most accurate ResNet-20 policies keep one costly group wide (the
+    stage-3 residual stream at 56 to 64 of 64 channels) and shrink the rest: NSGA-II from the
+    uniform seed and random proposals found that basin in some runs and not others."""
+    out = [uniform]
+    for g in space.groups:
+        p = wall.project({**uniform.to_dict(), g.name: g.channels}, hold=g.name)
+        if p not in out:
+            out.append(p)
+    return out
 
 
 def write_genome(study, trial, genome: dict[str, int]) -> None:
