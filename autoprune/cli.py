@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 user error (one line, no traceback; `--debug` shows it), 1 b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -602,6 +603,27 @@ def _check_budget(args, device, model, space, predictor, budget_ms: float,
     return budget_ms * check.scale, check.to_dict()
 
 
+@contextlib.contextmanager
+def _creating_study(runs: Path, name: str, *, shared: bool):
+    """An exclusive lock on making study ``name`` under ``runs``, held by one worker of a
+    shared study at a time (a no-op for a study of one process: its own lock refuses a
+    second)."""
+    if not shared:
+        yield
+        return
+    import fcntl
+
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        lock = open(runs / f".{name}.create.lock", "a")  # noqa: SIM115 (held across the yield)
+    except OSError as e:
+        raise UserError(f"cannot write to the runs folder {str(runs)!r} ({e.strerror}); choose "
+                        "another `--runs`") from e
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _budget_words(config: dict) -> str:
     """The budget a study searched, for a summary's title: in predicted ms, and where the
     check on the device moved it, the table's own beside it."""
@@ -657,44 +679,48 @@ def cmd_search(args) -> int:
                           f"{args.searcher}-" + (f"b{args.latency_budget:g}"
                                                  if args.latency_budget is not None
                                                  else f"{args.latency_budget_ms:g}ms"))
-    budget_ms, budget_check = _check_budget(args, device, loaded.model, space, predictor,
-                                            budget_ms, Path(args.runs) / name)
-    data = _load_data(loaded)
-    evaluator = Evaluator(loaded.model, data, space, predictor, budget_ms=budget_ms,
-                          val_images=args.val_images, adaptive_bn=not args.no_adaptive_bn,
-                          importance=args.importance, seed=args.seed)
-    options = {}
-    if args.searcher == "evolution":
-        options = {"population": args.population, "sampler": args.sampler}
-    elif args.searcher == "amc":
-        options = {"reward": args.reward, "warmup_episodes": args.warmup_episodes,
-                   "action": args.amc_action, "repeats": args.amc_repeats}
-        if args.amc_actor_reg is not None:
-            options["actor_reg"] = args.amc_actor_reg
-    searcher = SEARCHERS[args.searcher]()(space, predictor, budget_ms, seed=args.seed,
-                                         **options)
-    # uniform: its best and the fallbacks the measured check may need (not --trials)
-    n_trials = 1 + searcher.fallbacks if args.searcher == "uniform" else (args.trials or 100)
-    budget = {"fraction": args.latency_budget} if args.latency_budget is not None else \
-        {"ms": args.latency_budget_ms}
-    versions = {"autoprune": __version__}
-    for mod in ("torch", "torch_pruning", "optuna", "stable_baselines3", "onnxruntime"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = "unavailable"
-    config = {
-        "model": loaded.spec.to_dict(), "data": loaded.data_spec,
-        "weights_sha256": file_sha256(loaded.weights) if loaded.weights else None,
-        "weights": str(loaded.weights.resolve()) if loaded.weights else None,
-        "device": device.to_dict(), "budget": budget, "budget_ms": round(budget_ms, 9),
-        "budget_check": budget_check,
-        "searcher": args.searcher, "searcher_options": searcher.options(), "seed": args.seed,
-        "space": _space_config(space, args, device),
-        "evaluator": evaluator.describe(), "reward": args.reward,
-        "versions": versions,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    study = Study.open(Path(args.runs) / name, config, storage_url=args.storage)
+    # workers sharing a study (`--storage`) make it one at a time: the first checks the
+    # budget and writes the config, the others wait for it and then take its check, so
+    # that all of them search one budget (each measuring its own, they differed)
+    with _creating_study(Path(args.runs), name, shared=args.storage is not None):
+        budget_ms, budget_check = _check_budget(args, device, loaded.model, space, predictor,
+                                                budget_ms, Path(args.runs) / name)
+        data = _load_data(loaded)
+        evaluator = Evaluator(loaded.model, data, space, predictor, budget_ms=budget_ms,
+                              val_images=args.val_images, adaptive_bn=not args.no_adaptive_bn,
+                              importance=args.importance, seed=args.seed)
+        options = {}
+        if args.searcher == "evolution":
+            options = {"population": args.population, "sampler": args.sampler}
+        elif args.searcher == "amc":
+            options = {"reward": args.reward, "warmup_episodes": args.warmup_episodes,
+                       "action": args.amc_action, "repeats": args.amc_repeats}
+            if args.amc_actor_reg is not None:
+                options["actor_reg"] = args.amc_actor_reg
+        searcher = SEARCHERS[args.searcher]()(space, predictor, budget_ms, seed=args.seed,
+                                             **options)
+        # uniform: its best and the fallbacks the measured check may need (not --trials)
+        n_trials = 1 + searcher.fallbacks if args.searcher == "uniform" else (args.trials or 100)
+        budget = {"fraction": args.latency_budget} if args.latency_budget is not None else \
+            {"ms": args.latency_budget_ms}
+        versions = {"autoprune": __version__}
+        for mod in ("torch", "torch_pruning", "optuna", "stable_baselines3", "onnxruntime"):
+            try:
+                versions[mod] = __import__(mod).__version__
+            except ImportError:
+                versions[mod] = "unavailable"
+        config = {
+            "model": loaded.spec.to_dict(), "data": loaded.data_spec,
+            "weights_sha256": file_sha256(loaded.weights) if loaded.weights else None,
+            "weights": str(loaded.weights.resolve()) if loaded.weights else None,
+            "device": device.to_dict(), "budget": budget, "budget_ms": round(budget_ms, 9),
+            "budget_check": budget_check,
+            "searcher": args.searcher, "searcher_options": searcher.options(), "seed": args.seed,
+            "space": _space_config(space, args, device),
+            "evaluator": evaluator.describe(), "reward": args.reward,
+            "versions": versions,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        study = Study.open(Path(args.runs) / name, config, storage_url=args.storage)
     for cand in study.candidates:
         evaluator.add_known(cand)
     resumed = len(study.candidates)

@@ -1165,16 +1165,48 @@ def test_workers_sharing_a_sqlite_study_never_take_the_same_enqueued_trial(tmp_p
     assert not set(a) & set(b) and len(a) + len(b) == 60
 
 
+_OPEN_AND_SEED = """
+import sys, time
+from types import SimpleNamespace
+import optuna
+from autoprune.search.evolution import open_optuna_study
+ctx = SimpleNamespace(storage_url=sys.argv[1], study_name="q", shared_storage=True)
+while time.time() < float(sys.argv[2]):
+    pass
+seed = lambda s: [s.enqueue_trial({"x": i}) for i in range(5)]
+open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=["maximize"], on_create=seed)
+"""
+
+
+def test_workers_opening_a_shared_study_together_seed_it_once(tmp_path):
+    """The evolution seeds of a shared study are enqueued by the worker that created it: three
+    workers opening a new study at once leave one set of seeds, not three."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AND_SEED, url, str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    trials = optuna.load_study(study_name="q", storage=url).trials
+    assert sorted(t.system_attrs["fixed_params"]["x"] for t in trials) == list(range(5))
+
+
 @pytest.mark.slow
 def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
-    """`--storage URL`: two processes run one evolution study together (heartbeats on, WAL)."""
+    """`--storage URL`: two processes run one evolution study together (heartbeats on, WAL).
+    Started together, each checking the budget on the device, they search one budget: the
+    first to make the study checks it, the other takes its check (each measuring its own, the
+    two had searched budgets apart)."""
     import optuna
     from optuna.trial import TrialState
 
     ckpt, tables, budget = cli_env
     runs, trials = tmp_path / "runs", 12
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    args = [*_search_args(ckpt, tables, runs, "evolution", trials, "s", budget),
+    args = [*_search_args(ckpt, tables, runs, "evolution", trials, "s", budget, check=2),
             "--storage", url]
     procs = [_spawn(args, stderr=subprocess.PIPE) for _ in range(2)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
@@ -1187,6 +1219,15 @@ def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
     assert any(t.system_attrs.get("fixed_params") for t in study.trials)  # the uniform seed
     with sqlite3.connect(tmp_path / "shared.db") as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    config = json.loads((runs / "s" / "config.json").read_text())
+    assert config["budget_check"] is not None
+    # every trial's constraint is its latency over the budget its worker searched
+    by_latency = {json.dumps(c["policy"], sort_keys=True): c["latency_ms"]
+                  for c in map(json.loads, _lines(runs / "s" / "candidates.jsonl"))}
+    searched = {round(by_latency[json.dumps(t.user_attrs["policy"], sort_keys=True)]
+                      - t.system_attrs["constraints:latency_over_budget_ms"], 9)
+                for t in study.trials if t.state == TrialState.COMPLETE}
+    assert searched == {round(config["budget_ms"], 9)}, searched
 
 
 def test_changed_config_is_refused(cli_env, tmp_path):

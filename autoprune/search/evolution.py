@@ -76,14 +76,12 @@ class EvolutionSearcher(Searcher):
         # between the two) is proposed again first: served from the cache, under its number
         logged = {number: self._genome(policy)
                   for number, policy in getattr(ctx, "done_trials", {}).items()}
+        seeds = [self._genome(p) for p in seed_policies(
+            self.space, self.wall, best_uniform(self.space, self.predictor, self.budget_ms))]
         study, callbacks = open_search_study(
             ctx, self._sampler(worker_seed),
-            directions=["maximize", "minimize"] if multi else ["maximize"], logged=logged)
-        # the seeds a study has not tried yet (all of them, when it is new; after a kill, the
-        # rest: a seed's trial keeps its enqueued parameters, however it ended)
-        for p in seed_policies(self.space, self.wall,
-                               best_uniform(self.space, self.predictor, self.budget_ms)):
-            study.enqueue_trial(self._genome(p), skip_if_exists=True)
+            directions=["maximize", "minimize"] if multi else ["maximize"], logged=logged,
+            seeds=seeds)
 
         groups = self.space.groups
 
@@ -214,13 +212,16 @@ def _sqlite_wal(storage, *, shared: bool = False) -> None:
     engine.dispose()  # connections opened while the schema was created predate the pragmas
 
 
-def open_search_study(ctx, sampler, *, directions: list[str], logged=None):
+def open_search_study(ctx, sampler, *, directions: list[str], logged=None, seeds=()):
     """The Optuna study a searcher samples from, and the ``optimize`` callbacks that keep the
-    storage up to date. Returns ``(study, callbacks)``.
+    storage up to date. Returns ``(study, callbacks)``. ``seeds`` (parameters) are enqueued
+    where the study has not tried them yet.
 
     Shared storage (``--storage URL``): the stored study itself, so every worker sees the
     others' trials as they happen, and a callback that stops at ``ctx.n_trials`` complete trials
-    in total.
+    in total. The worker that creates the study enqueues the seeds, and only it (workers
+    starting together could each find the study without them, and each enqueue them); the
+    storage keeps those not yet taken for a later run.
 
     A study's own SQLite file (one process: the study lock): a working copy in memory, loaded
     from the file, that the sampler reads and writes; each finished trial is then written to the
@@ -237,7 +238,11 @@ def open_search_study(ctx, sampler, *, directions: list[str], logged=None):
     from optuna.trial import TrialState, create_trial
 
     if getattr(ctx, "shared_storage", False):
-        study = open_optuna_study(ctx, sampler, directions=directions)
+        def enqueue(created):
+            for params in seeds:
+                created.enqueue_trial(dict(params))
+
+        study = open_optuna_study(ctx, sampler, directions=directions, on_create=enqueue)
         return study, [optuna.study.MaxTrialsCallback(ctx.n_trials,
                                                       states=(TrialState.COMPLETE,))]
     record = open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=directions)
@@ -257,6 +262,10 @@ def open_search_study(ctx, sampler, *, directions: list[str], logged=None):
     for params in again:
         if params:
             work.enqueue_trial(params)
+    # the file holds finished trials only: after a kill, the seeds not tried yet are enqueued
+    # again (a seed's trial keeps its enqueued parameters, however it ended)
+    for params in seeds:
+        work.enqueue_trial(dict(params), skip_if_exists=True)
 
     def write(_study, trial):
         append_trial(record, trial)
@@ -311,8 +320,9 @@ def append_trial(study, trial) -> None:
                               for k, v in attrs.items()])
 
 
-def open_optuna_study(ctx, sampler, *, directions: list[str]):
-    """Create (once) or load the Optuna study.
+def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
+    """Create (once) or load the Optuna study; ``on_create(study)`` is called by the process
+    that created it (the storage's unique study name decides which, whoever races).
 
     A study's own SQLite file belongs to one process (the study lock): `open_search_study`
     retries a killed process's trial when the study resumes. Shared storage
@@ -336,9 +346,14 @@ def open_optuna_study(ctx, sampler, *, directions: list[str]):
                              } if shared else {}
                 storage = optuna.storages.RDBStorage(ctx.storage_url, **heartbeat)
             _sqlite_wal(storage, shared=shared)
-            study = optuna.create_study(study_name=ctx.study_name, storage=storage,
-                                        sampler=sampler, directions=directions,
-                                        load_if_exists=True)
+            try:
+                study = optuna.create_study(study_name=ctx.study_name, storage=storage,
+                                            sampler=sampler, directions=directions)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=ctx.study_name, storage=storage,
+                                          sampler=sampler)
+                created = False
             break
         except Exception as e:  # sqlalchemy errors of a concurrent creation
             last_error = e
@@ -346,4 +361,6 @@ def open_optuna_study(ctx, sampler, *, directions: list[str]):
     else:
         raise UserError(f"cannot open Optuna storage {ctx.storage_url!r} ({last_error}); check "
                         "`--storage`") from last_error
+    if created and on_create is not None:
+        on_create(study)
     return study
