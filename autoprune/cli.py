@@ -737,7 +737,16 @@ def cmd_search(args) -> int:
 
             show()
 
+            def catch_up():  # workers sharing the study: what the others have evaluated
+                for cand in study.refresh():
+                    evaluator.add_known(cand)
+
+            def known(policy):
+                catch_up()
+                return policy in evaluator.cache
+
             def evaluate(policy, trial):
+                catch_up()
                 cached = evaluator.cache.get(policy)
                 if cached is not None:
                     return cached
@@ -757,8 +766,9 @@ def cmd_search(args) -> int:
                                 study_name=name, done_trials=done,
                                 shared_storage=study.shared,
                                 on_candidate=on_candidate,
-                                known=lambda p: p in evaluator.cache)
+                                known=known)
             searcher.run(ctx)
+            catch_up()  # the measured check and the results judge every worker's candidates
         reference = _reference(study, evaluator, space, predictor)
         verdict = _verify(study, args, device, loaded.model, space, reference)
         paths = study.write_results(reference)

@@ -8,7 +8,8 @@
                        a search (the best candidates, the uniform policy, the unpruned model)
     best_policy.json, pareto.json, pareto.png, summary.json    results
 
-A killed process leaves at most a torn last line in candidates.jsonl (dropped on load) and
+A killed process leaves at most a torn last line in candidates.jsonl (dropped on load; in a
+study shared by workers, which may be appending, ended with a newline and skipped) and
 RUNNING Optuna trials (failed and re-enqueued on resume; their policies, if already logged,
 come from the cache and are not evaluated again).
 """
@@ -42,6 +43,8 @@ class Study:
         self.shared = storage_url is not None
         self.storage_url = storage_url or f"sqlite:///{(root / 'optuna.db').resolve()}"
         self.candidates: list[Candidate] = []
+        self._seen: set[tuple] = set()  # `_identity` of each of ``candidates``
+        self._read_to = 0  # bytes of candidates.jsonl read (`refresh` reads on from there)
         self._measured: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ open / resume
@@ -122,29 +125,69 @@ class Study:
         return self.root / "candidates.jsonl"
 
     def _load_candidates(self, *, repair: bool = True) -> None:
+        self.candidates, self._seen, self._read_to = [], set(), 0
         if not self.log_path.is_file():
             return
         raw = self.log_path.read_bytes()
-        good_end, out = 0, []
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # torn by a kill mid-write
+        end = raw.rfind(b"\n") + 1  # past the last whole line: the rest was torn by a kill
+        self._read_to = end
+        self._take_lines(raw[:end])
+        if end < len(raw) and repair:
+            if self.shared:  # other workers append to it: end the torn line rather than cut
+                log.warning("ending a torn line of %s (skipped from now on)", self.log_path)
+                with open(self.log_path, "a") as f:
+                    f.write("\n")
+            else:
+                log.warning("dropping a torn last line of %s", self.log_path)
+                with open(self.log_path, "r+b") as f:
+                    f.truncate(end)
+
+    def _take_lines(self, raw: bytes) -> list[Candidate]:
+        """Add the candidates of whole log lines not already held; a line that is not a
+        candidate (a torn line another worker's append ended) is skipped, not the rest."""
+        new = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                out.append(Candidate.from_json(line.decode()))
+                cand = Candidate.from_json(line.decode())
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                break
-            good_end += len(line)
-        if good_end < len(raw) and repair:
-            log.warning("dropping a torn last line of %s", self.log_path)
-            with open(self.log_path, "r+b") as f:
-                f.truncate(good_end)
-        self.candidates = out
+                log.warning("skipping line %d of %s: not a candidate", n, self.log_path)
+                continue
+            key = _identity(cand)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.candidates.append(cand)
+                new.append(cand)
+        return new
+
+    def refresh(self) -> list[Candidate]:
+        """The candidates other workers sharing this study's folder logged since this one last
+        read the log (only whole lines), now also in ``candidates``; [] for a study of one
+        process. Searching workers read them before each evaluation, so a policy one of them
+        has evaluated is served from the cache instead of evaluated again, and before writing
+        the results, so the study's best is the best of all workers."""
+        if not self.shared:
+            return []
+        try:
+            size = self.log_path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size <= self._read_to:
+            return []
+        with open(self.log_path, "rb") as f:
+            f.seek(self._read_to)
+            raw = f.read(size - self._read_to)
+        end = raw.rfind(b"\n") + 1
+        self._read_to += end
+        return self._take_lines(raw[:end])
 
     def append(self, cand: Candidate) -> None:
         with open(self.log_path, "a") as f:
             f.write(cand.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._seen.add(_identity(cand))
         self.candidates.append(cand)
 
     def trials_done(self, searcher: str) -> dict[int, Policy]:
@@ -246,6 +289,7 @@ class Study:
         return front
 
     def write_results(self, reference: dict[str, Candidate]) -> dict[str, Path]:
+        self.refresh()  # a shared study: the results hold every worker's candidates
         best = self.best()
         if best is None:
             raise UserError(f"study {self.root.name!r} has no feasible candidate yet; run "
@@ -315,6 +359,11 @@ class Study:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
         plt.close(fig)
         return path
+
+
+def _identity(cand: Candidate) -> tuple:
+    """What makes a logged candidate one entry: its searcher, trial and policy."""
+    return cand.searcher, cand.trial, policy_key(cand.policy)
 
 
 def _short(v: Any) -> str:

@@ -1228,6 +1228,10 @@ def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
                       - t.system_attrs["constraints:latency_over_budget_ms"], 9)
                 for t in study.trials if t.state == TrialState.COMPLETE}
     assert searched == {round(config["budget_ms"], 9)}, searched
+    # the worker that wrote the results last had read the other's candidates
+    logged = _lines(runs / "s" / "candidates.jsonl")
+    summary = json.loads((runs / "s" / "summary.json").read_text())
+    assert summary["candidates"] == len(logged)
 
 
 def test_changed_config_is_refused(cli_env, tmp_path):
@@ -1454,3 +1458,52 @@ def test_workers_sharing_a_study_merge_their_measurements(setup, tmp_path):
     assert b.measurement(wide) == a.measurement(wide)  # b took a's measurement in
     assert all(r["median_ms"] > 0 and r["over_budget"] == pytest.approx(r["median_ms"] / budget)
                for r in on_disk.values())
+
+
+def _cand(channels, acc, trial, searcher="evolution"):
+    return Candidate(Policy.from_dict(channels), acc, 1.0, 10, 10, True, searcher, trial, 0.1)
+
+
+def test_workers_sharing_a_study_folder_read_each_others_candidates(tmp_path):
+    """Workers of one study (`--storage`) append to one candidates.jsonl. Each reads what the
+    others logged (`Study.refresh`: the search serves those policies from its cache, and the
+    results judge all of them), never its own lines twice; a line torn by a killed worker is
+    ended, not cut, since the others may be appending after it, and skipped on load."""
+    from autoprune.study import Study
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = (Study.open(tmp_path / "s", {"searcher": "evolution"}, storage_url=url)
+            for _ in range(2))
+    c1, c2, c3 = (_cand({"g": 8 * i}, 0.5 + i / 10, i) for i in (1, 2, 3))
+    a.append(c1)
+    assert b.refresh() == [c1] and b.refresh() == []
+    b.append(c2)
+    assert a.refresh() == [c2]  # not its own c1 again
+    assert a.candidates == b.candidates == [c1, c2]
+    assert a.best() == b.best() == c2
+    log = tmp_path / "s" / "candidates.jsonl"
+    with open(log, "ab") as f:
+        f.write(c3.to_json().encode()[:25])  # a worker killed mid-write
+    late = Study.open(tmp_path / "s", {"searcher": "evolution"}, storage_url=url)
+    assert late.candidates == [c1, c2]
+    assert log.read_bytes().endswith(c3.to_json().encode()[:25] + b"\n")  # ended, not cut
+    a.append(c3)
+    assert b.refresh() == late.refresh() == [c3]
+    assert Study.load(tmp_path / "s").candidates == [c1, c2, c3]  # the torn line skipped
+    assert a.candidates == b.candidates == late.candidates == [c1, c2, c3]
+
+
+def test_a_torn_last_line_of_a_study_of_one_process_is_dropped(tmp_path):
+    from autoprune.study import Study
+
+    c1, c2 = _cand({"g": 8}, 0.5, 0), _cand({"g": 16}, 0.6, 1)
+    s = Study.open(tmp_path / "s", {"searcher": "random"})
+    s.append(c1)
+    s.append(c2)
+    s.release()
+    log = tmp_path / "s" / "candidates.jsonl"
+    whole = log.read_bytes()
+    log.write_bytes(whole + b'{"policy": {"g"')
+    again = Study.open(tmp_path / "s", {"searcher": "random"})
+    assert again.candidates == [c1, c2] and log.read_bytes() == whole
+    assert again.refresh() == []  # nothing to catch up on without other workers
