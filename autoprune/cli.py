@@ -667,6 +667,12 @@ def cmd_search(args) -> int:
             "sqlite", "postgresql", "mysql"):
         raise UserError(f"`--storage` must be an RDB URL (sqlite:///..., postgresql://...), "
                         f"got {args.storage!r}")
+    if args.storage and args.searcher != "evolution":
+        # amc's agent checkpoints, random's draws and uniform's bisection live in one
+        # process: workers would overwrite one another's checkpoints and repeat the same draws
+        raise UserError(f"`--storage` shares an evolution study's Optuna trials between "
+                        f"workers; `--searcher {args.searcher}` runs in one process: drop "
+                        "`--storage`, or search with `--searcher evolution`")
     device = _device(args)
     loaded = _resolve_model(args, need_weights=True)
     if loaded.policy is not None:
@@ -1401,7 +1407,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "candidates; uniform: its best and up to two cheaper fallbacks)")
     p.add_argument("--study", help="study name (folder under --runs); re-run to resume")
     p.add_argument("--runs", default="runs", help="folder of study folders")
-    p.add_argument("--storage", help="Optuna RDB URL shared by several workers "
+    p.add_argument("--storage", help="evolution: Optuna RDB URL shared by several workers "
                    "(default: SQLite in the study folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--population", type=int, default=32, help="evolution: population size")

@@ -93,6 +93,8 @@ def test_bad_arguments_get_one_line():
     assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-actor-reg", "-0.1"),
                       "`--amc-actor-reg` must be >= 0")
     assert_user_error(run_cli(*base, "--budget-check", "-2"), "`--budget-check` must be >= 0")
+    assert_user_error(run_cli(*base, "--searcher", "amc", "--storage", "sqlite:///x.db"),
+                      "`--searcher amc` runs in one process", "drop `--storage`")
     assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-repeats", "sometimes"),
                       "invalid choice: 'sometimes'")
 
