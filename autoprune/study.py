@@ -146,13 +146,14 @@ class Study:
         """Add the candidates of whole log lines not already held; a line that is not a
         candidate (a torn line another worker's append ended) is skipped, not the rest."""
         new = []
-        for n, line in enumerate(raw.splitlines(), 1):
+        for line in raw.splitlines():
             if not line.strip():
                 continue
             try:
                 cand = Candidate.from_json(line.decode())
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                log.warning("skipping line %d of %s: not a candidate", n, self.log_path)
+                log.warning("skipping a line of %s that is not a candidate: %r", self.log_path,
+                            line[:60])
                 continue
             key = _identity(cand)
             if key not in self._seen:
