@@ -104,6 +104,80 @@ def rpc_server(tmp_path):
         _stop_group(proc)
 
 
+def _postgres_bindir() -> Path | None:
+    """Where PostgreSQL's server programs are: on PATH, or Debian's versioned folder (the
+    `postgresql` package leaves initdb and pg_ctl off PATH)."""
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                      else 0)
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the tests, started in a folder of its own on a free port of
+    127.0.0.1 and stopped at the end: a function ``database(name) -> URL`` that creates an empty
+    database on it. `make install` installs the server (Debian's `postgresql`) and the driver
+    (psycopg, the `postgres` extra). PostgreSQL refuses to run as root, so under root the
+    server runs as the `postgres` user the package creates."""
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver: `pip install -e '.[dev]'`")
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server is not installed: `make install` installs it")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="autoprune-pg-"))
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root with no `postgres` user to run PostgreSQL's server")
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, log = root / "data", root / "server.log"
+
+    def run(*cmd):
+        subprocess.run([*as_user, *map(str, cmd)], check=True, capture_output=True, text=True,
+                       timeout=120)
+
+    try:
+        run(bindir / "initdb", "-D", data, "-U", "autoprune", "--auth=trust", "-E", "UTF8",
+            "--no-sync")
+        run(bindir / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off")
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        raise AssertionError(f"PostgreSQL did not start: {e.stderr}\n"
+                             f"{log.read_text() if log.is_file() else ''}") from e
+
+    def database(name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=port, user="autoprune", dbname="postgres",
+                             autocommit=True) as con:
+            con.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://autoprune@127.0.0.1:{port}/{name}"
+
+    try:
+        yield database
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM to ``proc``'s process group (``start_new_session``), SIGKILL to whatever of it
     is left after 10 s."""

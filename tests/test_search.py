@@ -499,8 +499,27 @@ def test_evolution_writes_finished_trials_and_resumes_what_the_file_lacks(setup,
                                                                    waiting.to_dict()]
 
 
-@pytest.mark.parametrize("where", ["memory", "sqlite"])
-def test_a_trial_keeps_the_genome_of_the_policy_it_evaluated(tmp_path, where):
+def _rdb_url(kind: str, tmp_path, request, name: str = "s") -> str:
+    """An empty RDB storage of ``kind``: a SQLite file under ``tmp_path``, or a new database
+    on the suite's PostgreSQL server (the `postgres` fixture)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / (name + '.db')}"
+    return request.getfixturevalue("postgres")(f"{name}_{os.getpid()}_{time.monotonic_ns()}")
+
+
+def _count_rows(url: str, table: str) -> int:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as con:
+            return con.execute(sqlalchemy.text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["memory", "sqlite", "postgresql"])
+def test_a_trial_keeps_the_genome_of_the_policy_it_evaluated(tmp_path, where, request):
     """`write_genome` replaces a running trial's proposed parameters by the genome evaluated,
     in the in-memory copy a study's own file is sampled from and in an RDB storage
     (`--storage`), where Optuna's own call cannot give a parameter a second value."""
@@ -509,7 +528,8 @@ def test_a_trial_keeps_the_genome_of_the_policy_it_evaluated(tmp_path, where):
 
     from autoprune.search.evolution import write_genome
 
-    storage = RDBStorage(f"sqlite:///{tmp_path / 's.db'}") if where == "sqlite" else None
+    url = None if where == "memory" else _rdb_url(where, tmp_path, request)
+    storage = None if url is None else RDBStorage(url)
     study = optuna.create_study(storage=storage, directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.NSGAIISampler(population_size=4, seed=0))
     trials = []
@@ -522,8 +542,7 @@ def test_a_trial_keeps_the_genome_of_the_policy_it_evaluated(tmp_path, where):
         trials.append(evaluated)
     if storage is not None:
         study = optuna.load_study(study_name=study.study_name, storage=storage)
-        with sqlite3.connect(tmp_path / "s.db") as con:  # one row per parameter still
-            assert con.execute("SELECT COUNT(*) FROM trial_params").fetchone()[0] == 12
+        assert _count_rows(url, "trial_params") == 12  # one row per parameter still
     assert [t.params for t in study.trials] == trials
 
 
@@ -1139,18 +1158,19 @@ print(json.dumps(taken))
 """
 
 
-def test_workers_sharing_a_sqlite_study_never_take_the_same_enqueued_trial(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_workers_sharing_a_study_never_take_the_same_enqueued_trial(tmp_path, kind, request):
     """Optuna hands out an enqueued trial by reading that it waits and then marking it running;
-    SQLite ignores the row lock that makes that atomic elsewhere, so without a transaction that
-    takes the write lock first, two workers took the same trials (9 of 60 here) and one of
-    them had its result refused."""
+    SQLite ignores the row lock (``SELECT ... FOR UPDATE``) that makes that atomic on
+    PostgreSQL, so without a transaction that takes the write lock first, two workers took the
+    same trials (9 of 60 here) and one of them had its result refused."""
     from types import SimpleNamespace
 
     import optuna
 
     from autoprune.search.evolution import open_optuna_study
 
-    url = f"sqlite:///{tmp_path / 'q.db'}"
+    url = _rdb_url(kind, tmp_path, request, "q")
     ctx = SimpleNamespace(storage_url=url, study_name="q", shared_storage=True)
     study = open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=["maximize"])
     for i in range(60):
@@ -1178,12 +1198,13 @@ open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=["maximize"],
 """
 
 
-def test_workers_opening_a_shared_study_together_seed_it_once(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_workers_opening_a_shared_study_together_seed_it_once(tmp_path, kind, request):
     """The evolution seeds of a shared study are enqueued by the worker that created it: three
     workers opening a new study at once leave one set of seeds, not three."""
     import optuna
 
-    url = f"sqlite:///{tmp_path / 'q.db'}"
+    url = _rdb_url(kind, tmp_path, request, "q")
     start = time.time() + 3
     procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AND_SEED, url, str(start)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -1195,17 +1216,18 @@ def test_workers_opening_a_shared_study_together_seed_it_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
-    """`--storage URL`: two processes run one evolution study together (heartbeats on, WAL).
-    Started together, each checking the budget on the device, they search one budget: the
-    first to make the study checks it, the other takes its check (each measuring its own, the
-    two had searched budgets apart)."""
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_two_workers_share_a_study_through_storage(cli_env, tmp_path, kind, request):
+    """`--storage URL`: two processes run one evolution study together (heartbeats on; WAL on
+    SQLite), in a SQLite file and on a real PostgreSQL server. Started together, each checking
+    the budget on the device, they search one budget: the first to make the study checks it,
+    the other takes its check (each measuring its own, the two had searched budgets apart)."""
     import optuna
     from optuna.trial import TrialState
 
     ckpt, tables, budget = cli_env
     runs, trials = tmp_path / "runs", 12
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    url = _rdb_url(kind, tmp_path, request, "shared")
     args = [*_search_args(ckpt, tables, runs, "evolution", trials, "s", budget, check=2),
             "--storage", url]
     procs = [_spawn(args, stderr=subprocess.PIPE) for _ in range(2)]
@@ -1217,8 +1239,9 @@ def test_two_workers_share_a_study_through_storage(cli_env, tmp_path):
     # each worker stops once the study holds N complete trials; one in flight may finish too
     assert trials <= states.count(TrialState.COMPLETE) <= trials + 1
     assert any(t.system_attrs.get("fixed_params") for t in study.trials)  # the uniform seed
-    with sqlite3.connect(tmp_path / "shared.db") as con:
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if kind == "sqlite":
+        with sqlite3.connect(tmp_path / "shared.db") as con:
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     config = json.loads((runs / "s" / "config.json").read_text())
     assert config["budget_check"] is not None
     # every trial's constraint is its latency over the budget its worker searched
