@@ -673,6 +673,10 @@ def cmd_search(args) -> int:
         raise UserError(f"`--storage` shares an evolution study's Optuna trials between "
                         f"workers; `--searcher {args.searcher}` runs in one process: drop "
                         "`--storage`, or search with `--searcher evolution`")
+    if args.storage:  # reachable before anything is made: a study folder left half-made else
+        from .search.evolution import check_storage
+
+        check_storage(args.storage)
     device = _device(args)
     loaded = _resolve_model(args, need_weights=True)
     if loaded.policy is not None:

@@ -99,6 +99,28 @@ def test_bad_arguments_get_one_line():
                       "invalid choice: 'sometimes'")
 
 
+def test_an_unreachable_storage_is_refused_before_the_study_is_made(tmp_path):
+    """`--storage` is connected to first: a server that refuses, a SQLite file whose folder is
+    missing or a driver that is not installed gets one line (a password in the URL is not
+    repeated), and no study folder is left half-made."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = tmp_path / "runs"
+    base = ("search", "--target-device", "cpu-ort", "--latency-budget", "0.5", "--searcher",
+            "evolution", "--study", "s", "--runs", runs, "--storage")
+    line = assert_user_error(run_cli(*base, f"postgresql://me:hunter2@127.0.0.1:{port}/db"),
+                             "cannot connect to `--storage`", "Connection refused",
+                             "check that the database server runs")
+    assert "hunter2" not in line and "me:***@" in line
+    assert_user_error(run_cli(*base, f"sqlite:///{tmp_path / 'missing' / 'x.db'}"),
+                      "unable to open database file", "folder exists")
+    assert_user_error(run_cli(*base, "mysql://me@127.0.0.1/db"), "needs the database driver")
+    assert not runs.exists()
+
+
 def test_unknown_zoo_name():
     assert_user_error(run_cli("space", "--model", "resnet99", "--data", "digits"),
                       "unknown model 'resnet99'", "resnet20", "vgg11")

@@ -1257,6 +1257,99 @@ def test_two_workers_share_a_study_through_storage(cli_env, tmp_path, kind, requ
     assert summary["candidates"] == len(logged)
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_trial_taken_by_a_worker_that_died_before_its_first_heartbeat_is_retried(
+        tmp_path, kind, request):
+    """A shared study's trial is running from the moment a worker takes it, before its first
+    heartbeat: Optuna's stale check never fails such a trial. `fail_trials_without_heartbeat`
+    does, once it is older than the grace period, and queues it again with its enqueued
+    parameters (an evolution seed is not lost); a trial with a heartbeat is left to Optuna."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoprune.search.evolution import fail_trials_without_heartbeat
+
+    storage = optuna.storages.RDBStorage(
+        _rdb_url(kind, tmp_path, request, "nohb"), heartbeat_interval=10, grace_period=30,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=3))
+    study = optuna.create_study(storage=storage, study_name="s", directions=["maximize"])
+    for x in (1, 2):
+        study.enqueue_trial({"x": x})
+    dead = study._pop_waiting_trial_id()  # taken, and its worker gone before any heartbeat
+    alive = study._pop_waiting_trial_id()
+    storage.record_heartbeat(alive)
+    time.sleep(0.05)
+    assert fail_trials_without_heartbeat(study, grace_s=3600) == []  # not yet past the grace
+    optuna.storages.fail_stale_trials(study)  # Optuna's own check: passes over it
+    assert study._storage.get_trial(dead).state == TrialState.RUNNING
+    dead_number = study._storage.get_trial(dead).number
+    assert fail_trials_without_heartbeat(study, grace_s=0) == [dead_number]
+    assert fail_trials_without_heartbeat(study, grace_s=0) == []  # once
+    trials = {t._trial_id: t for t in study.get_trials(deepcopy=False)}
+    assert trials[dead].state == TrialState.FAIL and trials[alive].state == TrialState.RUNNING
+    retry = [t for t in trials.values() if t.system_attrs.get("failed_trial") == dead_number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].system_attrs["fixed_params"] == {"x": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_killed_workers_running_trial_is_taken_over_by_another(cli_env, tmp_path, kind,
+                                                                  request):
+    """A worker of a shared study killed in the middle of a trial leaves it RUNNING in the
+    storage. Its heartbeat stops, and once the grace period has passed the next worker marks
+    it failed and runs its parameters again, so no trial stays RUNNING and the study still
+    ends with ``--trials`` complete ones, each policy logged once."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoprune.search.evolution import HEARTBEAT_GRACE_S
+
+    ckpt, tables, budget = cli_env
+    # more trials than evolution's seeds (13 here), which wait in the storage ahead of the retry
+    runs, trials = tmp_path / "runs", 24
+    url = _rdb_url(kind, tmp_path, request, "hb")
+    args = [*_search_args(ckpt, tables, runs, "evolution", trials, "s", budget),
+            "--storage", url]
+    log = runs / "s" / "candidates.jsonl"
+    first = _spawn(args)
+    deadline = time.monotonic() + 300
+    try:
+        while True:  # frozen, the worker cannot finish the trial the storage shows running
+            assert first.poll() is None, "the worker finished before it could be killed"
+            assert time.monotonic() < deadline, "the worker logged too few candidates"
+            if len(_lines(log)) >= 3:
+                first.send_signal(signal.SIGSTOP)
+                study = optuna.load_study(study_name="s", storage=url)
+                running = [t for t in study.trials if t.state == TrialState.RUNNING]
+                if running:
+                    break
+                first.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    stale = running[0]
+    time.sleep(HEARTBEAT_GRACE_S + 1)  # its last heartbeat is older than the grace period
+    second = _spawn(args, stderr=subprocess.PIPE)
+    err = second.communicate(timeout=600)[1]
+    assert second.returncode == 0, err
+    study = optuna.load_study(study_name="s", storage=url)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[stale.number].state == TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == stale.number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == stale.params
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    assert trials <= states.count(TrialState.COMPLETE) <= trials + 1
+    policies = [json.dumps(json.loads(line)["policy"], sort_keys=True) for line in _lines(log)]
+    assert len(policies) == len(set(policies))
+    assert json.loads((runs / "s" / "summary.json").read_text())["candidates"] == len(policies)
+
+
 def test_changed_config_is_refused(cli_env, tmp_path):
     ckpt, tables, budget = cli_env
     runs = tmp_path / "runs"

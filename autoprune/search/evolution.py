@@ -33,6 +33,11 @@ from .baselines import best_uniform
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("nsga2", "cmaes", "tpe")
+# Shared storage (`--storage`): a worker's running trial records a heartbeat this often; one
+# whose last heartbeat is older than the grace period belongs to a dead worker, and the next
+# worker to start a trial marks it failed and runs its parameters again.
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 30
 
 
 class EvolutionSearcher(Searcher):
@@ -84,8 +89,11 @@ class EvolutionSearcher(Searcher):
             seeds=seeds)
 
         groups = self.space.groups
+        shared = getattr(ctx, "shared_storage", False)
 
         def objective(trial):
+            if shared:  # a dead worker's trial that Optuna's heartbeat check cannot see
+                fail_trials_without_heartbeat(study)
             _ = trial.relative_params  # makes an enqueued seed part of NSGA-II breeding
             proposed = {g.name: g.choices[trial.suggest_int(g.name, 0, len(g.choices) - 1)]
                         for g in groups}
@@ -165,6 +173,58 @@ def write_genome(study, trial, genome: dict[str, int]) -> None:
                      [{"b_trial": trial._trial_id, "b_name": name,
                        "b_value": trial.distributions[name].to_internal_repr(idx)}
                       for name, idx in changed.items()])
+
+
+def fail_trials_without_heartbeat(study, *, grace_s: float = HEARTBEAT_GRACE_S) -> list[int]:
+    """Mark failed, and hand to the storage's retry callback, the running trials of ``study``
+    that never recorded a heartbeat and started more than ``grace_s`` ago. Returns their
+    numbers.
+
+    Optuna's own check (`optuna.storages.fail_stale_trials`, run before every trial of a
+    shared study) judges a running trial by its last heartbeat and passes over one that has
+    none. A trial is running from the moment a worker takes it in ``study.ask()``, and its
+    first heartbeat is recorded only after ``ask`` returns (NSGA-II samples in between), so a
+    worker killed in that gap left a trial running for good: the test that kills a worker
+    caught it there, and an evolution seed taken that way was never tried. A live worker
+    records the heartbeat a moment after ``ask``, so one missing after the grace period
+    means the worker is dead. Start times are the workers' own clocks (Optuna's
+    ``datetime_start``), which must agree to within the grace period."""
+    import copy
+    import datetime as dt
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+    from sqlalchemy import select
+
+    backend = _rdb_backend(study)
+    if backend is None or backend.get_heartbeat_interval() is None:
+        return []
+    trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
+    with backend.engine.connect() as conn:
+        rows = conn.execute(
+            select(trials.c.trial_id, trials.c.number, trials.c.datetime_start)
+            .select_from(trials.outerjoin(beats, beats.c.trial_id == trials.c.trial_id))
+            .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.RUNNING,
+                   beats.c.trial_id.is_(None))).all()
+    cutoff = dt.datetime.now() - dt.timedelta(seconds=grace_s)
+    retry = backend.get_heartbeat_stale_trial_callback()
+    failed = []
+    for trial_id, number, started in rows:
+        if started is None or started.replace(tzinfo=None) > cutoff:
+            continue
+        try:
+            if not study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        log.warning("trial %d of the shared study was left running by a worker that stopped "
+                    "before its first heartbeat; marked failed%s", number,
+                    " and queued again" if retry is not None else "")
+        failed.append(number)
+        if retry is not None:
+            retry(study, copy.deepcopy(study._storage.get_trial(trial_id)))
+    return failed
 
 
 def _rdb_backend(study):
@@ -320,6 +380,44 @@ def append_trial(study, trial) -> None:
                               for k, v in attrs.items()])
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def check_storage(url: str) -> None:
+    """Connect to the RDB storage ``url`` (`--storage`) once, before a search makes anything:
+    one line naming the problem and the fix where it cannot be reached, its driver is missing
+    or the URL is malformed (a password in it is not repeated)."""
+    import sqlalchemy
+
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError as e:
+        raise UserError(f"`--storage` {url!r} is not a database URL ({_first_line(e)}); use "
+                        "e.g. postgresql://USER@HOST/DB or sqlite:///shared.db") from e
+    try:
+        engine = sqlalchemy.create_engine(url)
+    except ModuleNotFoundError as e:
+        how = "`pip install 'autoprune[postgres]'`" if shown.startswith("postgresql") else \
+            "install it with pip"
+        raise UserError(f"`--storage {shown}` needs the database driver {e.name!r}, which is "
+                        f"not installed: {how}") from e
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise UserError(f"`--storage` {shown!r} is not a usable database URL "
+                        f"({_first_line(e)})") from e
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:  # sqlalchemy wraps the driver's errors: refused, no database, auth
+        fix = "check that its folder exists and is writable" if shown.startswith("sqlite") \
+            else "check that the database server runs, that the database exists, and the URL"
+        raise UserError(f"cannot connect to `--storage` {shown!r} ({_first_line(e)}); "
+                        f"{fix}") from e
+    finally:
+        engine.dispose()
+
+
 def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
     """Create (once) or load the Optuna study; ``on_create(study)`` is called by the process
     that created it (the storage's unique study name decides which, whoever races).
@@ -340,7 +438,8 @@ def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                heartbeat = {"heartbeat_interval": 10, "grace_period": 30,
+                heartbeat = {"heartbeat_interval": HEARTBEAT_INTERVAL_S,
+                             "grace_period": HEARTBEAT_GRACE_S,
                              "heartbeat_stale_trial_callback":
                              optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
                              } if shared else {}
@@ -359,8 +458,11 @@ def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
             last_error = e
             time.sleep(0.5 * (attempt + 1))
     else:
-        raise UserError(f"cannot open Optuna storage {ctx.storage_url!r} ({last_error}); check "
-                        "`--storage`") from last_error
+        import sqlalchemy
+
+        shown = sqlalchemy.engine.make_url(ctx.storage_url).render_as_string(hide_password=True)
+        raise UserError(f"cannot open Optuna storage {shown!r} ({_first_line(last_error)}); "
+                        "check `--storage`") from last_error
     if created and on_create is not None:
         on_create(study)
     return study
