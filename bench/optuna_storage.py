@@ -1,7 +1,7 @@
 """Optuna storage overhead per trial: what the evolution searcher pays the storage, outside the
 candidate evaluation. Prints one JSON document.
 
-    python bench/optuna_storage.py [--trials 150] [--repeats 3]
+    python bench/optuna_storage.py [--trials 150] [--repeats 3] [--postgres URL]
 
 Runs the evolution searcher's own study (``open_optuna_study``: NSGA-II, population 32, 12
 integer genes, a constraint, the ``MaxTrialsCallback``) with an objective that evaluates
@@ -10,7 +10,12 @@ nothing, so the time per trial is the searcher's and the storage's alone. Config
 - ``local``: a study's own SQLite file, as ``autoprune search`` opens it (``open_search_study``:
   sampled in an in-memory copy, each finished trial written to the file in one transaction);
 - ``shared``: the same file passed as ``--storage URL`` (sampled in the file, WAL and
-  heartbeats);
+  heartbeats, and the check for trials left without a heartbeat before every trial, as the
+  searcher runs it);
+- ``shared-postgresql`` (with ``--postgres URL``, a database the bench may fill: each run makes
+  a study of its own in it): the same on a PostgreSQL server, the storage for workers on
+  several machines; its sessions commit asynchronously (``synchronous_commit=off``);
+- ``shared-postgresql-sync``: the same with the server's default synchronous commits (before);
 - ``sqlite-direct``: what ``local`` did before the copy: sampled in the file itself (WAL, no
   heartbeat);
 - ``rollback-journal+heartbeat``: what the searcher did before that (SQLite's default journal,
@@ -35,7 +40,14 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autoprune.search.evolution import open_optuna_study, open_search_study  # noqa: E402
+from autoprune.search import evolution  # noqa: E402
+from autoprune.search.evolution import (  # noqa: E402
+    fail_trials_without_heartbeat,
+    open_optuna_study,
+    open_search_study,
+)
+
+ASYNC = evolution.POSTGRES_OPTIONS  # what `search` runs with
 
 
 def _objective(trial):
@@ -45,18 +57,20 @@ def _objective(trial):
     return sum(genes) / 72.0, float(sum(genes))
 
 
-def _open(kind: str, folder: Path, n: int):
+def _open(kind: str, folder: Path, n: int, *, postgres: str | None = None, name="bench"):
     """The study to optimize and its callbacks."""
     import optuna
     from optuna.trial import TrialState
 
     sampler = optuna.samplers.NSGAIISampler(population_size=32, seed=0)
     directions = ["maximize", "minimize"]
-    url = f"sqlite:///{folder / f'{kind}.db'}"
+    url = postgres if kind.startswith("shared-postgresql") else \
+        f"sqlite:///{folder / f'{kind}.db'}"
     count = [optuna.study.MaxTrialsCallback(n, states=(TrialState.COMPLETE,))]
-    ctx = SimpleNamespace(storage_url=url, study_name="bench",
-                          shared_storage=kind == "shared", n_trials=n)
-    if kind in ("local", "shared"):
+    ctx = SimpleNamespace(storage_url=url, study_name=name,
+                          shared_storage=kind.startswith("shared"), n_trials=n)
+    if kind in ("local", "shared") or kind.startswith("shared-postgresql"):
+        evolution.POSTGRES_OPTIONS = "" if kind.endswith("-sync") else ASYNC
         return open_search_study(ctx, sampler, directions=directions)
     if kind == "sqlite-direct":
         return open_optuna_study(ctx, sampler, directions=directions), count
@@ -82,16 +96,37 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--postgres", metavar="URL",
+                    help="a PostgreSQL database to time shared storage on as well "
+                         "(postgresql://USER@HOST/DB; needs the `postgres` extra)")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kinds = ["local", "shared", "sqlite-direct", "rollback-journal+heartbeat", "journal-file"]
+    if args.postgres:
+        from autoprune.errors import UserError
+        from autoprune.search.evolution import check_storage
+
+        try:
+            check_storage(args.postgres)
+        except UserError as e:
+            print(f"optuna_storage: {e}", file=sys.stderr)
+            return 2
+        kinds[2:2] = ["shared-postgresql", "shared-postgresql-sync"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    stamp = time.strftime("%Y%m%d%H%M%S")
     for r in range(args.repeats):
         for kind in kinds:
             with tempfile.TemporaryDirectory() as tmp:
-                study, callbacks = _open(kind, Path(tmp), args.trials)
+                study, callbacks = _open(kind, Path(tmp), args.trials, postgres=args.postgres,
+                                         name=f"bench-{stamp}-{r}")
+
+                def objective(trial, study=study, kind=kind):
+                    if kind.startswith("shared"):  # what the searcher runs before each trial
+                        fail_trials_without_heartbeat(study)
+                    return _objective(trial)
+
                 t0 = time.perf_counter()
-                study.optimize(_objective, n_trials=args.trials, gc_after_trial=False,
+                study.optimize(objective, n_trials=args.trials, gc_after_trial=False,
                                callbacks=callbacks)
                 ms = (time.perf_counter() - t0) / args.trials * 1000
                 times[kind].append(ms)
