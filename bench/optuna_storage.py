@@ -14,8 +14,7 @@ nothing, so the time per trial is the searcher's and the storage's alone. Config
   searcher runs it);
 - ``shared-postgresql`` (with ``--postgres URL``, a database the bench may fill: each run makes
   a study of its own in it): the same on a PostgreSQL server, the storage for workers on
-  several machines; its sessions commit asynchronously (``synchronous_commit=off``);
-- ``shared-postgresql-sync``: the same with the server's default synchronous commits (before);
+  several machines;
 - ``sqlite-direct``: what ``local`` did before the copy: sampled in the file itself (WAL, no
   heartbeat);
 - ``rollback-journal+heartbeat``: what the searcher did before that (SQLite's default journal,
@@ -40,14 +39,11 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autoprune.search import evolution  # noqa: E402
 from autoprune.search.evolution import (  # noqa: E402
     fail_trials_without_heartbeat,
     open_optuna_study,
     open_search_study,
 )
-
-ASYNC = evolution.POSTGRES_OPTIONS  # what `search` runs with
 
 
 def _objective(trial):
@@ -64,13 +60,11 @@ def _open(kind: str, folder: Path, n: int, *, postgres: str | None = None, name=
 
     sampler = optuna.samplers.NSGAIISampler(population_size=32, seed=0)
     directions = ["maximize", "minimize"]
-    url = postgres if kind.startswith("shared-postgresql") else \
-        f"sqlite:///{folder / f'{kind}.db'}"
+    url = postgres if kind == "shared-postgresql" else f"sqlite:///{folder / f'{kind}.db'}"
     count = [optuna.study.MaxTrialsCallback(n, states=(TrialState.COMPLETE,))]
     ctx = SimpleNamespace(storage_url=url, study_name=name,
                           shared_storage=kind.startswith("shared"), n_trials=n)
-    if kind in ("local", "shared") or kind.startswith("shared-postgresql"):
-        evolution.POSTGRES_OPTIONS = "" if kind.endswith("-sync") else ASYNC
+    if kind in ("local", "shared", "shared-postgresql"):
         return open_search_study(ctx, sampler, directions=directions)
     if kind == "sqlite-direct":
         return open_optuna_study(ctx, sampler, directions=directions), count
@@ -111,14 +105,14 @@ def main() -> int:
         except UserError as e:
             print(f"optuna_storage: {e}", file=sys.stderr)
             return 2
-        kinds[2:2] = ["shared-postgresql", "shared-postgresql-sync"]
+        kinds.insert(2, "shared-postgresql")
     times: dict[str, list[float]] = {k: [] for k in kinds}
     stamp = time.strftime("%Y%m%d%H%M%S")
     for r in range(args.repeats):
         for kind in kinds:
             with tempfile.TemporaryDirectory() as tmp:
                 study, callbacks = _open(kind, Path(tmp), args.trials, postgres=args.postgres,
-                                         name=f"bench-{stamp}-{r}")
+                                         name=f"bench-{stamp}-{r}-{kind}")
 
                 def objective(trial, study=study, kind=kind):
                     if kind.startswith("shared"):  # what the searcher runs before each trial
@@ -129,6 +123,10 @@ def main() -> int:
                 study.optimize(objective, n_trials=args.trials, gc_after_trial=False,
                                callbacks=callbacks)
                 ms = (time.perf_counter() - t0) / args.trials * 1000
+                done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+                if done != args.trials:  # a study of that name already held trials
+                    raise SystemExit(f"optuna_storage: error: {kind} ran {done} trials, not "
+                                     f"{args.trials}; time it on an empty study")
                 times[kind].append(ms)
                 print(f"repeat {r} {kind}: {ms:.1f} ms/trial", file=sys.stderr, flush=True)
     out = {"trials": args.trials, "repeats": args.repeats, "optuna": optuna.__version__,

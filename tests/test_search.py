@@ -1294,30 +1294,6 @@ def test_a_trial_taken_by_a_worker_that_died_before_its_first_heartbeat_is_retri
     assert retry[0].system_attrs["fixed_params"] == {"x": 1}
 
 
-def test_a_postgresql_storage_commits_without_waiting_for_the_disk(tmp_path, request):
-    """A shared study on PostgreSQL runs its sessions with ``synchronous_commit`` off (Optuna
-    commits 20 to 30 times a trial), and only its own sessions: the server keeps its default."""
-    from types import SimpleNamespace
-
-    import optuna
-    import sqlalchemy
-
-    from autoprune.search.evolution import open_optuna_study
-
-    url = _rdb_url("postgresql", tmp_path, request, "async")
-    ctx = SimpleNamespace(storage_url=url, study_name="q", shared_storage=True)
-    study = open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=["maximize"])
-    show = sqlalchemy.text("SHOW synchronous_commit")
-    with study._storage._backend.engine.connect() as con:
-        assert con.execute(show).scalar_one() == "off"
-    engine = sqlalchemy.create_engine(url)
-    with engine.connect() as con:
-        assert con.execute(show).scalar_one() == "on"
-    engine.dispose()
-    study.optimize(lambda t: t.suggest_int("x", 0, 3), n_trials=3)
-    assert len(optuna.load_study(study_name="q", storage=url).trials) == 3
-
-
 @pytest.mark.slow
 def test_a_killed_workers_running_trial_is_taken_over_by_another(cli_env, tmp_path, request):
     """A worker of a shared study killed in the middle of a trial leaves it RUNNING in the

@@ -236,25 +236,6 @@ def _rdb_backend(study):
     return backend if isinstance(backend, optuna.storages.RDBStorage) else None
 
 
-# A PostgreSQL storage's sessions commit without waiting for the server's WAL flush. Optuna
-# commits 20 to 30 times a trial; each waits for an fsync otherwise (see `_engine_kwargs`).
-POSTGRES_OPTIONS = "-c synchronous_commit=off"
-
-
-def _engine_kwargs(url: str) -> dict:
-    """SQLAlchemy engine options for the storage at ``url``: on PostgreSQL, sessions with
-    ``synchronous_commit`` off (``POSTGRES_OPTIONS``), the counterpart of SQLite's
-    ``synchronous=NORMAL`` (`_sqlite_wal`). A commit then returns before the server has
-    flushed it to disk, so a crash of the *server* can lose the last fraction of a second of
-    trials, never corrupt the study; a worker's own crash loses nothing committed. What is lost
-    comes back: a finished trial that reverts to running is failed and retried
-    (`fail_trials_without_heartbeat`), its candidate served from the log. Measured in
-    ``bench/optuna_storage.py``."""
-    if not url.startswith("postgresql") or not POSTGRES_OPTIONS:
-        return {}
-    return {"connect_args": {"options": POSTGRES_OPTIONS}}
-
-
 def _sqlite_wal(storage, *, shared: bool = False) -> None:
     """Every later connection of a SQLite storage uses WAL with synchronous=NORMAL.
 
@@ -462,8 +443,7 @@ def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
                              "heartbeat_stale_trial_callback":
                              optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
                              } if shared else {}
-                storage = optuna.storages.RDBStorage(ctx.storage_url, **heartbeat,
-                                                     engine_kwargs=_engine_kwargs(ctx.storage_url))
+                storage = optuna.storages.RDBStorage(ctx.storage_url, **heartbeat)
             _sqlite_wal(storage, shared=shared)
             try:
                 study = optuna.create_study(study_name=ctx.study_name, storage=storage,
