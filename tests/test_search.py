@@ -1341,7 +1341,8 @@ def test_a_killed_workers_running_trial_is_taken_over_by_another(cli_env, tmp_pa
     assert by_number[stale.number].state == TrialState.FAIL
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == stale.number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
-    assert retried[0].params == stale.params
+    # the kill can land between two of the trial's suggestions: what it had is kept
+    assert stale.params.items() <= retried[0].params.items()
     states = [t.state for t in study.trials]
     assert TrialState.RUNNING not in states
     assert trials <= states.count(TrialState.COMPLETE) <= trials + 1
