@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {str(path)!r} is unreadable ({first}); give a file "
+        raise UserError(f"checkpoint {str(path)!r} is unreadable ({first_line(e)}); give a file "
                         "written by `autoprune train` or torch.save(model.state_dict())") from e
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return obj

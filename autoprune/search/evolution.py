@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..policy import Policy
 from .base import SearchContext, Searcher
 from .baselines import best_uniform
@@ -380,9 +380,11 @@ def append_trial(study, trial) -> None:
                               for k, v in attrs.items()])
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].strip() if text else type(e).__name__
+def _redacted(url: str) -> str:
+    """A storage URL as messages show it: its password, if any, as ***."""
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def check_storage(url: str) -> None:
@@ -392,9 +394,9 @@ def check_storage(url: str) -> None:
     import sqlalchemy
 
     try:
-        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        shown = _redacted(url)
     except sqlalchemy.exc.ArgumentError as e:
-        raise UserError(f"`--storage` {url!r} is not a database URL ({_first_line(e)}); use "
+        raise UserError(f"`--storage` {url!r} is not a database URL ({first_line(e)}); use "
                         "e.g. postgresql://USER@HOST/DB or sqlite:///shared.db") from e
     try:
         engine = sqlalchemy.create_engine(url)
@@ -405,14 +407,14 @@ def check_storage(url: str) -> None:
                         f"not installed: {how}") from e
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as e:
         raise UserError(f"`--storage` {shown!r} is not a usable database URL "
-                        f"({_first_line(e)})") from e
+                        f"({first_line(e)})") from e
     try:
         with engine.connect():
             pass
     except Exception as e:  # sqlalchemy wraps the driver's errors: refused, no database, auth
         fix = "check that its folder exists and is writable" if shown.startswith("sqlite") \
             else "check that the database server runs, that the database exists, and the URL"
-        raise UserError(f"cannot connect to `--storage` {shown!r} ({_first_line(e)}); "
+        raise UserError(f"cannot connect to `--storage` {shown!r} ({first_line(e)}); "
                         f"{fix}") from e
     finally:
         engine.dispose()
@@ -458,11 +460,8 @@ def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
             last_error = e
             time.sleep(0.5 * (attempt + 1))
     else:
-        import sqlalchemy
-
-        shown = sqlalchemy.engine.make_url(ctx.storage_url).render_as_string(hide_password=True)
-        raise UserError(f"cannot open Optuna storage {shown!r} ({_first_line(last_error)}); "
-                        "check `--storage`") from last_error
+        raise UserError(f"cannot open Optuna storage {_redacted(ctx.storage_url)!r} "
+                        f"({first_line(last_error)}); check `--storage`") from last_error
     if created and on_create is not None:
         on_create(study)
     return study
