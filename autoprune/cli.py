@@ -665,8 +665,10 @@ def cmd_search(args) -> int:
         check_actor_reg(args.amc_actor_reg)
     if args.storage and args.storage.split(":", 1)[0].split("+")[0] not in (
             "sqlite", "postgresql", "mysql"):
+        from .search.evolution import redacted
+
         raise UserError(f"`--storage` must be an RDB URL (sqlite:///..., postgresql://...), "
-                        f"got {args.storage!r}")
+                        f"got {redacted(args.storage)!r}")
     if args.storage and args.searcher != "evolution":
         # amc's agent checkpoints, random's draws and uniform's bisection live in one
         # process: workers would overwrite one another's checkpoints and repeat the same draws

@@ -118,6 +118,10 @@ def test_an_unreachable_storage_is_refused_before_the_study_is_made(tmp_path):
     assert_user_error(run_cli(*base, f"sqlite:///{tmp_path / 'missing' / 'x.db'}"),
                       "unable to open database file", "folder exists")
     assert_user_error(run_cli(*base, "mysql://me@127.0.0.1/db"), "needs the database driver")
+    for url, words in ((f"postgresql://me:hunter2@127.0.0.1:{port}x/db", "not a database URL"),
+                       ("redis://me:hunter2@127.0.0.1/0", "must be an RDB URL")):
+        line = assert_user_error(run_cli(*base, url), words)  # a port that is no number, and
+        assert "hunter2" not in line and "me:***@" in line  # a scheme that is refused
     assert not runs.exists()
 
 

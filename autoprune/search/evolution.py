@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import warnings
 
@@ -380,11 +381,15 @@ def append_trial(study, trial) -> None:
                               for k, v in attrs.items()])
 
 
-def _redacted(url: str) -> str:
-    """A storage URL as messages show it: its password, if any, as ***."""
+def redacted(url: str) -> str:
+    """A storage URL as messages show it: its password, if any, as *** (also in a URL
+    SQLAlchemy cannot parse: whatever stands between ``//user:`` and ``@``)."""
     import sqlalchemy
 
-    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is no number
+        return re.sub(r"(//[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def check_storage(url: str) -> None:
@@ -393,10 +398,11 @@ def check_storage(url: str) -> None:
     or the URL is malformed (a password in it is not repeated)."""
     import sqlalchemy
 
+    shown = redacted(url)
     try:
-        shown = _redacted(url)
-    except sqlalchemy.exc.ArgumentError as e:
-        raise UserError(f"`--storage` {url!r} is not a database URL ({first_line(e)}); use "
+        sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
+        raise UserError(f"`--storage` {shown!r} is not a database URL ({first_line(e)}); use "
                         "e.g. postgresql://USER@HOST/DB or sqlite:///shared.db") from e
     try:
         engine = sqlalchemy.create_engine(url)
@@ -460,7 +466,7 @@ def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
             last_error = e
             time.sleep(0.5 * (attempt + 1))
     else:
-        raise UserError(f"cannot open Optuna storage {_redacted(ctx.storage_url)!r} "
+        raise UserError(f"cannot open Optuna storage {redacted(ctx.storage_url)!r} "
                         f"({first_line(last_error)}); check `--storage`") from last_error
     if created and on_create is not None:
         on_create(study)
