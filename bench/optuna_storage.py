@@ -10,11 +10,14 @@ nothing, so the time per trial is the searcher's and the storage's alone. Config
 - ``local``: a study's own SQLite file, as ``autoprune search`` opens it (``open_search_study``:
   sampled in an in-memory copy, each finished trial written to the file in one transaction);
 - ``shared``: the same file passed as ``--storage URL`` (sampled in the file, WAL and
-  heartbeats, and the check for trials left without a heartbeat before every trial, as the
-  searcher runs it);
+  heartbeats, the check for trials left without a heartbeat before every trial, and each
+  trial's parameters, then its result, written in one transaction each, as the searcher runs
+  it);
 - ``shared-postgresql`` (with ``--postgres URL``, a database the bench may fill: each run makes
   a study of its own in it): the same on a PostgreSQL server, the storage for workers on
   several machines;
+- ``shared-postgresql-per-call``: the same, each parameter and attribute written by Optuna's
+  own call (a transaction each), as the searcher did before ``write_running_trial``;
 - ``sqlite-direct``: what ``local`` did before the copy: sampled in the file itself (WAL, no
   heartbeat);
 - ``rollback-journal+heartbeat``: what the searcher did before that (SQLite's default journal,
@@ -39,17 +42,34 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from optuna.distributions import IntDistribution  # noqa: E402
+
 from autoprune.search.evolution import (  # noqa: E402
     fail_trials_without_heartbeat,
     open_optuna_study,
     open_search_study,
+    proposed_params,
+    write_running_trial,
 )
 
+DISTS = {f"g{i}": IntDistribution(0, 6) for i in range(12)}
 
-def _objective(trial):
+
+def _objective(trial, study=None):
+    """A trial as the searcher runs it, on ``study``'s shared storage where given (its
+    parameters, then its result, each written in one transaction), else through Optuna's
+    calls (a copy in memory, or what the searcher did on shared storage before)."""
     _ = trial.relative_params
-    genes = [trial.suggest_int(f"g{i}", 0, 6) for i in range(12)]
-    trial.set_constraint("latency_over_budget_ms", sum(genes) - 40.0)
+    if study is not None:
+        genes = proposed_params(trial, DISTS)
+        write_running_trial(study, trial, params=genes, dists=DISTS)
+        write_running_trial(study, trial, user_attrs={"policy": genes}, system_attrs={
+            "constraints:latency_over_budget_ms": sum(genes.values()) - 40.0})
+        genes = list(genes.values())
+    else:
+        genes = [trial.suggest_int(name, d.low, d.high) for name, d in DISTS.items()]
+        trial.set_user_attr("policy", dict(zip(DISTS, genes, strict=True)))
+        trial.set_constraint("latency_over_budget_ms", sum(genes) - 40.0)
     return sum(genes) / 72.0, float(sum(genes))
 
 
@@ -60,11 +80,12 @@ def _open(kind: str, folder: Path, n: int, *, postgres: str | None = None, name=
 
     sampler = optuna.samplers.NSGAIISampler(population_size=32, seed=0)
     directions = ["maximize", "minimize"]
-    url = postgres if kind == "shared-postgresql" else f"sqlite:///{folder / f'{kind}.db'}"
+    url = postgres if kind.startswith("shared-postgresql") else \
+        f"sqlite:///{folder / f'{kind}.db'}"
     count = [optuna.study.MaxTrialsCallback(n, states=(TrialState.COMPLETE,))]
     ctx = SimpleNamespace(storage_url=url, study_name=name,
                           shared_storage=kind.startswith("shared"), n_trials=n)
-    if kind in ("local", "shared", "shared-postgresql"):
+    if kind in ("local", "shared", "shared-postgresql", "shared-postgresql-per-call"):
         return open_search_study(ctx, sampler, directions=directions)
     if kind == "sqlite-direct":
         return open_optuna_study(ctx, sampler, directions=directions), count
@@ -105,7 +126,7 @@ def main() -> int:
         except UserError as e:
             print(f"optuna_storage: {e}", file=sys.stderr)
             return 2
-        kinds.insert(2, "shared-postgresql")
+        kinds[2:2] = ["shared-postgresql", "shared-postgresql-per-call"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
     stamp = time.strftime("%Y%m%d%H%M%S")
     for r in range(args.repeats):
@@ -117,7 +138,8 @@ def main() -> int:
                 def objective(trial, study=study, kind=kind):
                     if kind.startswith("shared"):  # what the searcher runs before each trial
                         fail_trials_without_heartbeat(study)
-                    return _objective(trial)
+                    return _objective(trial, study if kind in (
+                        "shared", "shared-postgresql") else None)
 
                 t0 = time.perf_counter()
                 study.optimize(objective, n_trials=args.trials, gc_after_trial=False,

@@ -546,6 +546,62 @@ def test_a_trial_keeps_the_genome_of_the_policy_it_evaluated(tmp_path, where, re
     assert [t.params for t in study.trials] == trials
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_shared_trial_written_at_once_is_the_trial_optunas_calls_write(tmp_path, kind, request):
+    """On shared storage the searcher samples a trial's parameters without writing them
+    (`proposed_params`) and writes them, then its result, in one transaction each
+    (`write_running_trial`). With one seed, NSGA-II proposes the same trials that way as through
+    Optuna's own calls (an enqueued seed, a first generation drawn at random, then bred), and
+    the storage holds the same trials; a finished trial is refused as Optuna refuses it."""
+    import optuna
+    from optuna.distributions import IntDistribution
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import RDBStorage
+
+    from autoprune.search.evolution import proposed_params, write_running_trial
+
+    dists = {f"g{i}": IntDistribution(0, 5) for i in range(6)}
+    studies = []
+    for at_once in (False, True):
+        url = _rdb_url(kind, tmp_path, request, f"once{int(at_once)}")
+        study = optuna.create_study(
+            storage=RDBStorage(url), study_name="s", directions=["maximize", "minimize"],
+            sampler=optuna.samplers.NSGAIISampler(population_size=4, seed=3))
+        study.enqueue_trial({name: 2 for name in dists})
+
+        def objective(trial, study=study, at_once=at_once):
+            _ = trial.relative_params
+            if at_once:
+                genes = proposed_params(trial, dists)
+                write_running_trial(study, trial, params=genes, dists=dists)
+                write_running_trial(study, trial, user_attrs={"policy": genes}, system_attrs={
+                    "constraints:over": sum(genes.values()) - 12.0})
+            else:
+                genes = {name: trial.suggest_int(name, d.low, d.high)
+                         for name, d in dists.items()}
+                trial.set_user_attr("policy", genes)
+                trial.set_constraint("over", sum(genes.values()) - 12.0)
+            return sum(genes.values()) / 30.0, float(genes["g0"])
+
+        study.optimize(objective, n_trials=14)
+        studies.append(optuna.load_study(study_name="s", storage=url))
+        if at_once:
+            trial = study.ask()
+            write_running_trial(study, trial, user_attrs={"k": 1})
+            write_running_trial(study, trial, user_attrs={"k": 2})  # overwritten
+            study.tell(trial, [0.0, 0.0])
+            assert study.trials[-1].user_attrs == {"k": 2}
+            with pytest.raises(UpdateFinishedTrialError):
+                write_running_trial(study, trial, params={"g0": 1}, dists=dists)
+    a, b = studies[0].trials, studies[1].trials[:-1]  # the last: the refused write's
+    assert len(a) == len(b) == 14 and a[0].params == dict.fromkeys(dists, 2)
+    assert max(t.system_attrs["NSGAIISampler:generation"] for t in b) >= 2  # bred, not drawn
+    for x, y in zip(a, b, strict=True):
+        for name in ("state", "values", "params", "distributions", "user_attrs",
+                     "system_attrs"):
+            assert getattr(x, name) == getattr(y, name), name
+
+
 def test_finished_trials_written_with_plain_inserts_read_back_as_optuna_writes_them(tmp_path):
     """`append_trial` stores what `Study.add_trial` stores (it skips Optuna's ORM round trips):
     the same trials come back from both files, field by field, an infinite value included."""

@@ -71,6 +71,8 @@ class EvolutionSearcher(Searcher):
         return {g.name: g.choices.index(policy[g.name]) for g in self.space.groups}
 
     def run(self, ctx: SearchContext) -> None:
+        from optuna.distributions import IntDistribution
+        from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
         from optuna.trial import TrialState
 
         # Workers sharing a study must not share a seed: mix in the process id. A study of
@@ -92,13 +94,18 @@ class EvolutionSearcher(Searcher):
         groups = self.space.groups
         shared = getattr(ctx, "shared_storage", False)
 
+        dists = {g.name: IntDistribution(0, len(g.choices) - 1) for g in groups}
+
         def objective(trial):
             if shared:  # a dead worker's trial that Optuna's heartbeat check cannot see
                 fail_trials_without_heartbeat(study)
             _ = trial.relative_params  # makes an enqueued seed part of NSGA-II breeding
-            proposed = {g.name: g.choices[trial.suggest_int(g.name, 0, len(g.choices) - 1)]
-                        for g in groups}
-            policy = self.wall.project(proposed)
+            # shared storage: a round trip to the server for every parameter and attribute
+            # Optuna writes, so the trial's are written at once, in two transactions
+            # (`write_running_trial`): its genome before the evaluation, its result after
+            genome = proposed_params(trial, dists) if shared else \
+                {name: trial.suggest_int(name, d.low, d.high) for name, d in dists.items()}
+            policy = self.wall.project({g.name: g.choices[genome[g.name]] for g in groups})
             # a repeat is moved to a neighbour not yet evaluated, unless the trial was enqueued:
             # the seed, or a logged policy proposed again to be served from the cache (the
             # trial read its enqueued parameters from the storage when it began: no query)
@@ -106,12 +113,24 @@ class EvolutionSearcher(Searcher):
                 if ctx.known(policy):
                     policy = self.wall.unseen_near(
                         policy, ctx.known, np.random.default_rng([worker_seed, trial.number]))
-                write_genome(study, trial, self._genome(policy))
+                genome = self._genome(policy)
+                if not shared:
+                    write_genome(study, trial, genome)
+            if shared:
+                write_running_trial(study, trial, params=genome, dists=dists)
             cand = ctx.evaluate(policy, trial.number)
             ctx.on_candidate(cand)
-            trial.set_user_attr("policy", policy.to_dict())
-            if multi:  # only NSGA-II reads constraints (CMA-ES warns that it ignores them)
-                trial.set_constraint("latency_over_budget_ms", cand.latency_ms - self.budget_ms)
+            user_attrs = {"policy": policy.to_dict()}
+            # only NSGA-II reads constraints (CMA-ES warns that it ignores them)
+            constraint = {"latency_over_budget_ms": cand.latency_ms - self.budget_ms} \
+                if multi else {}
+            if shared:
+                write_running_trial(study, trial, user_attrs=user_attrs, system_attrs={
+                    f"{_CONSTRAINTS_KEY}:{k}": v for k, v in constraint.items()})
+            else:
+                trial.set_user_attr("policy", user_attrs["policy"])
+                for key, value in constraint.items():
+                    trial.set_constraint(key, value)
             return (cand.val_acc, cand.latency_ms) if multi else cand.val_acc
 
         done = sum(1 for t in study.trials if t.state == TrialState.COMPLETE)
@@ -157,23 +176,101 @@ def write_genome(study, trial, genome: dict[str, int]) -> None:
     changed = {name: idx for name, idx in genome.items() if trial.params[name] != idx}
     if not changed:
         return
+    if _rdb_backend(study) is not None:
+        write_running_trial(study, trial, params=changed, dists=trial.distributions)
+        return
+    for name, idx in changed.items():
+        study._storage.set_trial_param(trial._trial_id, name, idx, trial.distributions[name])
+        trial._cached_frozen_trial.params[name] = idx
+
+
+def proposed_params(trial, dists: dict) -> dict:
+    """What ``trial.suggest_int`` (or another ``suggest_*``) would return for each of ``dists``,
+    without writing any of it to the storage: `write_running_trial` then writes the trial's
+    parameters in one transaction. Follows Optuna's `Trial._suggest`, in the same order: a
+    value the trial already holds (a retried trial's), an enqueued one, a relative one (NSGA-II
+    breeding), else the sampler's independent draw (NSGA-II's first generation)."""
+    from optuna import pruners
+    from optuna.distributions import _get_single_value
+
+    frozen = trial._get_latest_trial()
+    out = {}
+    for name, dist in dists.items():
+        if name in frozen.distributions:
+            out[name] = frozen.params[name]
+        elif trial._is_fixed_param(name, dist):
+            out[name] = trial._fixed_params[name]
+        elif dist.single():
+            out[name] = _get_single_value(dist)
+        elif trial._is_relative_param(name, dist):
+            out[name] = trial.relative_params[name]
+        else:
+            out[name] = trial.study.sampler.sample_independent(
+                pruners._filter_study(trial.study, frozen), frozen, name, dist)
+    return out
+
+
+def write_running_trial(study, trial, *, params: dict | None = None, dists: dict | None = None,
+                        user_attrs: dict | None = None, system_attrs: dict | None = None) -> None:
+    """Set a running ``trial``'s parameters (``params``: name -> value in ``dists``), user
+    and system attributes in ``study``'s RDB storage, in one transaction of plain statements,
+    and in the trial as the objective sees it. A parameter or attribute already set is
+    overwritten.
+
+    Optuna writes each parameter and attribute in a transaction of its own, several queries
+    each, and on a database server each query is a round trip: a shared PostgreSQL trial cost
+    134 ms of sampler and storage that way, 91 ms written at once (`bench/optuna_storage.py`,
+    one run on a 2-core machine). Raises Optuna's
+    `UpdateFinishedTrialError` where the trial is no longer running (another worker failed it
+    as stale), as Optuna's own calls do."""
+    import json
+
+    from optuna.distributions import distribution_to_json
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+    from sqlalchemy import bindparam, delete, insert, select, update
+
     backend = _rdb_backend(study)
     if backend is None:
-        for name, idx in changed.items():
-            study._storage.set_trial_param(trial._trial_id, name, idx,
-                                           trial.distributions[name])
-        return
-    from optuna.storages._rdb import models
-    from sqlalchemy import bindparam, update
-
-    t = models.TrialParamModel.__table__
+        raise TypeError("write_running_trial writes to an RDB storage")
+    frozen, params = trial._cached_frozen_trial, params or {}
+    trial_id = trial._trial_id
+    new = [{"trial_id": trial_id, "param_name": name,
+            "param_value": dists[name].to_internal_repr(value),
+            "distribution_json": distribution_to_json(dists[name])}
+           for name, value in params.items() if name not in frozen.distributions]
+    changed = [{"b_trial": trial_id, "b_name": name,
+                "b_value": dists[name].to_internal_repr(value)}
+               for name, value in params.items()
+               if name in frozen.distributions and frozen.params[name] != value]
+    tp, tt = models.TrialParamModel.__table__, models.TrialModel.__table__
     with backend.engine.begin() as conn:
-        conn.execute(update(t).where(t.c.trial_id == bindparam("b_trial"),
-                                     t.c.param_name == bindparam("b_name"))
-                     .values(param_value=bindparam("b_value")),
-                     [{"b_trial": trial._trial_id, "b_name": name,
-                       "b_value": trial.distributions[name].to_internal_repr(idx)}
-                      for name, idx in changed.items()])
+        state = conn.execute(select(tt.c.state).where(tt.c.trial_id == trial_id)
+                             .with_for_update()).scalar_one()
+        if state != TrialState.RUNNING:
+            raise UpdateFinishedTrialError(
+                f"trial #{trial.number} is {state.name}, not running: it cannot be updated")
+        if new:
+            conn.execute(insert(tp), new)
+        if changed:
+            conn.execute(update(tp).where(tp.c.trial_id == bindparam("b_trial"),
+                                          tp.c.param_name == bindparam("b_name"))
+                         .values(param_value=bindparam("b_value")), changed)
+        for model, attrs in ((models.TrialUserAttributeModel, user_attrs),
+                             (models.TrialSystemAttributeModel, system_attrs)):
+            if attrs:
+                t = model.__table__
+                conn.execute(delete(t).where(t.c.trial_id == trial_id,
+                                             t.c.key.in_(list(attrs))))
+                conn.execute(insert(t), [{"trial_id": trial_id, "key": k,
+                                          "value_json": json.dumps(v)}
+                                         for k, v in attrs.items()])
+    for name, value in params.items():
+        frozen.distributions[name] = dists[name]
+        frozen.params[name] = value
+    frozen.user_attrs.update(user_attrs or {})
+    frozen.system_attrs.update(system_attrs or {})
 
 
 def fail_trials_without_heartbeat(study, *, grace_s: float = HEARTBEAT_GRACE_S) -> list[int]:
