@@ -648,6 +648,7 @@ def cmd_search(args) -> int:
     from .progress import bar
     from .search import SEARCHERS, SearchContext
     from .study import Study
+    from .study import identity as study_identity
 
     if args.trials is not None and args.trials < 1:
         raise UserError(f"`--trials` must be >= 1, got {args.trials}")
@@ -732,6 +733,10 @@ def cmd_search(args) -> int:
             "evaluator": evaluator.describe(), "reward": args.reward,
             "versions": versions,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if args.storage:  # before this worker's study folder is made
+            from .search.evolution import check_shared_config
+
+            check_shared_config(args.storage, name, study_identity(config))
         study = Study.open(Path(args.runs) / name, config, storage_url=args.storage)
     for cand in study.candidates:
         evaluator.add_known(cand)
@@ -778,7 +783,7 @@ def cmd_search(args) -> int:
                                 study_name=name, done_trials=done,
                                 shared_storage=study.shared,
                                 on_candidate=on_candidate,
-                                known=known)
+                                known=known, identity=study_identity(study.config))
             searcher.run(ctx)
             catch_up()  # the measured check and the results judge every worker's candidates
         reference = _reference(study, evaluator, space, predictor)

@@ -36,6 +36,23 @@ IDENTITY_KEYS = ("model", "weights_sha256", "data", "device", "budget", "budget_
                  "searcher_options", "seed", "space", "evaluator", "reward")
 
 
+def config_differences(saved: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """How ``config`` differs from ``saved`` in the keys that define a study, as a refusal
+    words it ("a different K (saved vs now new) and N more (...)"), or None where they
+    agree."""
+    diffs = [k for k in IDENTITY_KEYS if saved.get(k) != config.get(k)]
+    if not diffs:
+        return None
+    k = diffs[0]
+    return (f"a different {k} ({_short(saved.get(k))} vs now {_short(config.get(k))})"
+            + (f" and {len(diffs) - 1} more ({', '.join(diffs[1:])})" if diffs[1:] else ""))
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``config`` that define a study, as JSON reads them back."""
+    return json.loads(json.dumps({k: config.get(k) for k in IDENTITY_KEYS}))
+
+
 class Study:
     def __init__(self, root: Path, config: dict[str, Any], *, storage_url: str | None = None):
         self.root = root
@@ -60,15 +77,10 @@ class Study:
             except json.JSONDecodeError as e:
                 raise UserError(f"study config {str(cfg_path)!r} is corrupt ({e.msg}); move the "
                                 "folder away or pick another `--study`") from e
-            diffs = [k for k in IDENTITY_KEYS if saved.get(k) != config.get(k)]
-            if diffs:
-                k = diffs[0]
-                raise UserError(
-                    f"study {root.name!r} was created with a different {k} "
-                    f"({_short(saved.get(k))} vs now {_short(config.get(k))})"
-                    + (f" and {len(diffs) - 1} more ({', '.join(diffs[1:])})" if diffs[1:]
-                       else "")
-                    + "; resume with the original options or pick another `--study`")
+            differs = config_differences(saved, config)
+            if differs:
+                raise UserError(f"study {root.name!r} was created with {differs}; resume with "
+                                "the original options or pick another `--study`")
             if saved.get("versions") != config.get("versions"):
                 log.warning("study %s was created with other library versions: %s",
                             root.name, saved.get("versions"))

@@ -1271,6 +1271,30 @@ def test_workers_opening_a_shared_study_together_seed_it_once(tmp_path, kind, re
     assert sorted(t.system_attrs["fixed_params"]["x"] for t in trials) == list(range(5))
 
 
+def test_a_worker_that_would_search_another_study_in_shared_storage_is_refused(cli_env,
+                                                                              tmp_path):
+    """A shared Optuna study keeps the config of the worker that made it; a worker whose config
+    differs (here another `--seed`, from a runs folder of its own, where no config.json of
+    the study's could refuse it) is refused before it makes its study folder. One with the
+    same config joins."""
+    import optuna
+
+    ckpt, tables, budget = cli_env
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = [*_search_args(ckpt, tables, tmp_path / "runs1", "evolution", 3, "s", budget),
+             "--storage", url]
+    run_cli(*first, check=True)
+    made = optuna.load_study(study_name="s", storage=url).user_attrs["autoprune:config"]
+    assert made["seed"] == 0 and made["budget_ms"] > 0
+    other = [*_search_args(ckpt, tables, tmp_path / "runs2", "evolution", 4, "s", budget),
+             "--storage", url]
+    assert_user_error(run_cli(*other, "--seed", "1"), "shared study 's'",
+                      "a different seed (0 vs now 1)", "share one runs folder")
+    assert not (tmp_path / "runs2" / "s").exists()
+    run_cli(*other, check=True)  # the same options: it joins (and runs the 4th trial)
+    assert len(optuna.load_study(study_name="s", storage=url).trials) >= 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_two_workers_share_a_study_through_storage(cli_env, tmp_path, kind, request):

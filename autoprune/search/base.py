@@ -34,6 +34,9 @@ class SearchContext:
     # whether a policy was evaluated already (in the study's cache): a searcher moves a
     # proposal that repeats one to a policy not yet evaluated (`BudgetWall.unseen_near`)
     known: Callable[[Policy], bool] = lambda p: False
+    # the keys of the study's config that define it (`study.identity`): a shared Optuna study
+    # keeps its maker's, which a worker joining it must match (`check_shared_config`)
+    identity: dict | None = None
 
 
 class BudgetWall:

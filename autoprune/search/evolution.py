@@ -397,6 +397,8 @@ def open_search_study(ctx, sampler, *, directions: list[str], logged=None, seeds
 
     if getattr(ctx, "shared_storage", False):
         def enqueue(created):
+            if getattr(ctx, "identity", None) is not None:  # `check_shared_config`
+                created.set_user_attr(CONFIG_ATTR, ctx.identity)
             for params in seeds:
                 created.enqueue_trial(dict(params))
 
@@ -521,6 +523,47 @@ def check_storage(url: str) -> None:
                         f"{fix}") from e
     finally:
         engine.dispose()
+
+
+CONFIG_ATTR = "autoprune:config"  # a shared Optuna study's: what defines the autoprune study
+
+
+def check_shared_config(url: str, study_name: str, identity: dict, *,
+                        wait_s: float = 10.0) -> None:
+    """Refuse to join the Optuna study ``study_name`` in the shared storage ``url`` where the
+    worker that made it searched another study: the keys of its config that define a study
+    (``identity``, `study.identity`), which it keeps in the Optuna study's user attributes,
+    against this worker's. Workers meant to share a runs folder (README); one given a runs
+    folder of its own makes its own config.json, with a budget it checked on the device
+    itself, and its trials' constraints would measure another budget. A new study passes (its
+    maker stores its config), as does one made by a version that did not store it."""
+    import optuna
+
+    from ..study import config_differences
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(url)
+    try:
+        try:
+            study_id = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            return
+        deadline = time.monotonic() + wait_s
+        while (saved := storage.get_study_user_attrs(study_id).get(CONFIG_ATTR)) is None:
+            if time.monotonic() > deadline:  # its maker is an older version, or died
+                return
+            time.sleep(0.5)  # its maker stores it a moment after making the study
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+    differs = config_differences(saved, identity)
+    if differs:
+        raise UserError(f"the shared study {study_name!r} in `--storage {redacted(url)}` was "
+                        f"made with {differs}: workers of one study search with the same "
+                        "options and share one runs folder (`--runs` on a network file "
+                        "system); use its options and runs folder, or pick another `--study`")
 
 
 def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
