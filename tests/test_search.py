@@ -1245,10 +1245,11 @@ _OPEN_AND_SEED = """
 import sys, time
 from types import SimpleNamespace
 import optuna
-from autoprune.search.evolution import open_optuna_study
+from autoprune.search.evolution import check_shared_config, open_optuna_study
 ctx = SimpleNamespace(storage_url=sys.argv[1], study_name="q", shared_storage=True)
 while time.time() < float(sys.argv[2]):
     pass
+check_shared_config(sys.argv[1], "q", {}, wait_s=0)  # the first to open an empty database
 seed = lambda s: [s.enqueue_trial({"x": i}) for i in range(5)]
 open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=["maximize"], on_create=seed)
 """
@@ -1257,7 +1258,9 @@ open_optuna_study(ctx, optuna.samplers.RandomSampler(), directions=["maximize"],
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_workers_opening_a_shared_study_together_seed_it_once(tmp_path, kind, request):
     """The evolution seeds of a shared study are enqueued by the worker that created it: three
-    workers opening a new study at once leave one set of seeds, not three."""
+    workers opening a new study at once leave one set of seeds, not three. Each first checks
+    the study's config (`check_shared_config`), which makes Optuna's tables in an empty
+    database: all three race to make them, and none fails."""
     import optuna
 
     url = _rdb_url(kind, tmp_path, request, "q")

@@ -542,9 +542,17 @@ def check_shared_config(url: str, study_name: str, identity: dict, *,
     from ..study import config_differences
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        storage = optuna.storages.RDBStorage(url)
+    for attempt in range(5):  # workers starting together race to make the schema
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                storage = optuna.storages.RDBStorage(url)
+            break
+        except Exception as e:  # sqlalchemy's errors of a concurrent creation
+            if attempt == 4:
+                raise UserError(f"cannot open Optuna storage {redacted(url)!r} "
+                                f"({first_line(e)}); check `--storage`") from e
+            time.sleep(0.5 * (attempt + 1))
     try:
         try:
             study_id = storage.get_study_id_from_name(study_name)
