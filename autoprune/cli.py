@@ -736,7 +736,8 @@ def cmd_search(args) -> int:
         if args.storage:  # before this worker's study folder is made
             from .search.evolution import check_shared_config
 
-            check_shared_config(args.storage, name, study_identity(config))
+            check_shared_config(args.storage, name, study_identity(config),
+                                folder=Path(args.runs) / name)
         study = Study.open(Path(args.runs) / name, config, storage_url=args.storage)
     for cand in study.candidates:
         evaluator.add_known(cand)

@@ -1278,8 +1278,8 @@ def test_a_worker_that_would_search_another_study_in_shared_storage_is_refused(c
                                                                               tmp_path):
     """A shared Optuna study keeps the config of the worker that made it; a worker whose config
     differs (here another `--seed`, from a runs folder of its own, where no config.json of
-    the study's could refuse it) is refused before it makes its study folder. One with the
-    same config joins."""
+    the study's could refuse it) is refused before it makes its study folder, and so is one
+    with the same options in a runs folder of its own. One in the maker's runs folder joins."""
     import optuna
 
     ckpt, tables, budget = cli_env
@@ -1289,12 +1289,15 @@ def test_a_worker_that_would_search_another_study_in_shared_storage_is_refused(c
     run_cli(*first, check=True)
     made = optuna.load_study(study_name="s", storage=url).user_attrs["autoprune:config"]
     assert made["seed"] == 0 and made["budget_ms"] > 0
-    other = [*_search_args(ckpt, tables, tmp_path / "runs2", "evolution", 4, "s", budget),
+    other = [*_search_args(ckpt, tables, tmp_path / "runs2", "evolution", 3, "s", budget),
              "--storage", url]
     assert_user_error(run_cli(*other, "--seed", "1"), "shared study 's'",
                       "a different seed (0 vs now 1)", "share one runs folder")
+    assert_user_error(run_cli(*other), "shared study 's'", "made in another runs folder",
+                      f"{str(tmp_path / 'runs2')!r} has no study 's'")
     assert not (tmp_path / "runs2" / "s").exists()
-    run_cli(*other, check=True)  # the same options: it joins (and runs the 4th trial)
+    run_cli(*first[:first.index("--trials") + 1], "4", *first[first.index("--trials") + 2:],
+            check=True)  # the maker's runs folder: it joins, and runs the 4th trial
     assert len(optuna.load_study(study_name="s", storage=url).trials) >= 4
 
 

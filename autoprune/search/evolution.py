@@ -23,6 +23,7 @@ import os
 import re
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -529,14 +530,19 @@ CONFIG_ATTR = "autoprune:config"  # a shared Optuna study's: what defines the au
 
 
 def check_shared_config(url: str, study_name: str, identity: dict, *,
-                        wait_s: float = 10.0) -> None:
+                        folder: Path | None = None, wait_s: float = 10.0) -> None:
     """Refuse to join the Optuna study ``study_name`` in the shared storage ``url`` where the
     worker that made it searched another study: the keys of its config that define a study
     (``identity``, `study.identity`), which it keeps in the Optuna study's user attributes,
-    against this worker's. Workers meant to share a runs folder (README); one given a runs
-    folder of its own makes its own config.json, with a budget it checked on the device
-    itself, and its trials' constraints would measure another budget. A new study passes (its
-    maker stores its config), as does one made by a version that did not store it."""
+    against this worker's; or where this worker's study ``folder`` (under its runs folder) has
+    no config.json, so that the maker's folder is another.
+
+    Workers share one runs folder (README), where config.json refuses a worker with other
+    options. One given a runs folder of its own would make its own config.json, with a
+    budget it checked on the device itself, so its trials' constraints would measure another
+    budget, and its candidates would be missing from the others' results. The maker writes
+    config.json before it makes the Optuna study. A new study passes (its maker stores its
+    config), as does one made by a version that did not store it."""
     import optuna
 
     from ..study import config_differences
@@ -572,6 +578,11 @@ def check_shared_config(url: str, study_name: str, identity: dict, *,
                         f"made with {differs}: workers of one study search with the same "
                         "options and share one runs folder (`--runs` on a network file "
                         "system); use its options and runs folder, or pick another `--study`")
+    if folder is not None and not (folder / "config.json").is_file():
+        raise UserError(f"the shared study {study_name!r} in `--storage {redacted(url)}` was "
+                        f"made in another runs folder: {str(folder.parent)!r} has no study "
+                        f"{study_name!r}. Workers of one study share one runs folder (`--runs` "
+                        "on a network file system): pass that folder, or pick another `--study`")
 
 
 def open_optuna_study(ctx, sampler, *, directions: list[str], on_create=None):
