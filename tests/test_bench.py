@@ -121,3 +121,22 @@ def test_latency_predictor_compares_estimators_of_a_validation(cli_env, tmp_path
                             "latency_predictor.py", "not a validation JSON")
     assert_user_error_bench(_bench("latency_predictor.py", "--estimators", tmp_path / "no.json"),
                             "latency_predictor.py", "cannot read it")
+
+
+def test_optuna_storage_times_every_storage_on_a_real_postgresql_server(postgres):
+    """`optuna_storage.py` times each storage over the number of trials asked, PostgreSQL's
+    rows included (the searcher's way and Optuna's per-call way), on a study of its own; an
+    unreachable server is one line and exit 2."""
+    url = postgres("bench_storage")
+    proc = _bench("optuna_storage.py", "--trials", "8", "--repeats", "1", "--postgres", url,
+                  timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    rows = out["ms_per_trial"]
+    assert {"local", "shared", "shared-postgresql", "shared-postgresql-per-call",
+            "journal-file"} <= set(rows)
+    assert all(len(r["runs"]) == 1 and r["median"] > 0 for r in rows.values())
+    bad = _bench("optuna_storage.py", "--trials", "2", "--postgres",
+                 url.rsplit(":", 1)[0] + ":1/nowhere")
+    assert bad.returncode == 2 and "cannot connect" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
