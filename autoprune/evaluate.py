@@ -3,6 +3,7 @@ latency, MACs, params). Results are cached by policy, so no candidate is evaluat
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from .errors import UserError
 from .policy import Policy
 from .prune import apply_policy
 from .space import SearchSpace
+from .threads import split_forward, workers_for
 from .train import evaluate as accuracy
 
 log = logging.getLogger(__name__)
@@ -92,23 +94,53 @@ def resolve_budget(predictor, *, fraction: float | None = None,
 
 
 def recalibrate_bn(model: nn.Module, split: Split, *, batches: int, batch_size: int,
-                   seed: int = 0) -> None:
+                   seed: int = 0, workers: int | None = None) -> None:
     """Adaptive BN: re-estimate BN running statistics of a pruned model on training batches
-    (a cumulative average over exactly ``batches`` batches, no gradient)."""
+    (a cumulative average over exactly ``batches`` batches, no gradient).
+
+    In train mode a BN layer normalises each batch by that batch's own statistics, and only
+    averages them into its running ones, so the batches are independent: on the CPU,
+    ``workers`` copies of the model (default: torch's threads, `--threads`) each take every
+    ``workers``-th batch on a thread of its own (`threads.split_forward`), and their averages
+    are merged, weighted by their numbers of batches: the average over all of them, up to
+    rounding."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
+    data = []
+    for i, (x, _) in enumerate(Batches(split, batch_size, shuffle=True, seed=seed)):
+        if i >= batches:
+            break
+        data.append(x)
     saved = [(m, m.momentum) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
-    model.train()
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    n = workers_for(len(data), workers if on_cpu else 1)
+    copies = [model] + [copy.deepcopy(model) for _ in range(n - 1)]
+    for m in copies:
+        m.train()
+
+    def run(k, xs):
+        for x in xs:
+            copies[k](x)
+        return len(xs)
+
     try:
         with torch.no_grad():
-            for i, (x, _) in enumerate(Batches(split, batch_size, shuffle=True, seed=seed)):
-                if i >= batches:
-                    break
-                model(x)
+            counts = split_forward(run, data, workers=n)
+            if n > 1:
+                layers = [[m for m in c.modules()
+                           if isinstance(m, nn.modules.batchnorm._BatchNorm)] for c in copies]
+                for j, m in enumerate(bns):
+                    for name in ("running_mean", "running_var"):
+                        stats = [getattr(layers[k][j], name) for k in range(n)]
+                        if stats[0] is not None:
+                            getattr(m, name).copy_(
+                                sum(c * s for c, s in zip(counts, stats, strict=True))
+                                / sum(counts))
+                    m.num_batches_tracked.fill_(sum(counts))
     finally:
         for m, momentum in saved:
             m.momentum = momentum

@@ -21,6 +21,7 @@ from torch import nn
 from .data import Batches, Dataset, Split
 from .errors import UserError
 from .progress import bar
+from .threads import split_forward
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,30 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, *, batch_size: int = 250) -> float:
-    """Top-1 accuracy in [0, 1]. Batches of 250 are ~3x faster here than one big batch."""
+def evaluate(model: nn.Module, split: Split, *, batch_size: int = 250,
+             workers: int | None = None) -> float:
+    """Top-1 accuracy in [0, 1]. Batches of 250 are ~3x faster here than one big batch; on the
+    CPU, ``workers`` batches run at a time, one intra-op thread each (default: torch's threads,
+    `--threads`; `threads.split_forward`). The model is only read: its threads share it."""
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    correct = 0
-    for x, y in Batches(split, batch_size):
-        x, y = x.to(device), y.to(device)
-        correct += (model(x).argmax(1) == y).sum().item()
-    model.train(was_training)
-    return correct / max(1, len(split))
+    if batch_size < 1:
+        raise UserError(f"`--batch-size` must be >= 1, got {batch_size}")
+
+    def correct(_k, starts):
+        n = 0
+        for s in starts:
+            x, y = split.x[s:s + batch_size].to(device), split.y[s:s + batch_size].to(device)
+            n += (model(x).argmax(1) == y).sum().item()
+        return n
+
+    try:
+        total = sum(split_forward(correct, range(0, len(split), batch_size),
+                                  workers=workers if device.type == "cpu" else 1))
+    finally:
+        model.train(was_training)
+    return total / max(1, len(split))
 
 
 def _device_of(model: nn.Module) -> torch.device:

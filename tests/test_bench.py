@@ -140,3 +140,20 @@ def test_optuna_storage_times_every_storage_on_a_real_postgresql_server(postgres
                  url.rsplit(":", 1)[0] + ":1/nowhere")
     assert bad.returncode == 2 and "cannot connect" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_evaluation_times_both_ways_and_they_score_alike(digits_ckpt, tmp_path):
+    """`evaluation.py` times one evaluation both ways on the same policies, which the two ways
+    score alike; a bad `--keep` is one line and exit 2."""
+    proc = _bench("evaluation.py", "--weights", digits_ckpt, "--policies", "3",
+                  "--val-images", "120", "--bn-batches", "3", "--plot", tmp_path / "e.png")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    ways = out["seconds"]
+    assert set(ways) == {"one batch at a time", "a batch a thread"}
+    assert all(len(w["runs"]) == 3 and 0 < w["median"] <= w["max"] for w in ways.values())
+    assert out["scored_alike"] == 3 and out["ratio_median"] > 0
+    assert "| a batch a thread |" in _table(proc.stderr) and _is_png(tmp_path / "e.png")
+    bad = _bench("evaluation.py", "--weights", digits_ckpt, "--keep", "0.7:0.3")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "--keep '0.7:0.3'" in bad.stderr

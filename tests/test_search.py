@@ -1,5 +1,6 @@
 """Evaluator, searchers, the action wall, and studies that survive SIGKILL."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -93,6 +94,38 @@ def test_adaptive_bn_helps_a_pruned_model(setup, digits):
     with_bn = Evaluator(model, digits, space, pred, adaptive_bn=True, **kw).evaluate(p)
     without = Evaluator(model, digits, space, pred, adaptive_bn=False, **kw).evaluate(p)
     assert with_bn.val_acc > without.val_acc + 0.1, (with_bn.val_acc, without.val_acc)
+
+
+def test_an_evaluation_on_several_threads_scores_what_one_thread_scores(setup, digits):
+    """Adaptive BN on several threads (copies of the model, each on some of the batches, their
+    averages merged by number of batches) gives the running statistics of one pass over all
+    the batches, up to rounding, uneven shares included (10 batches on 3 threads); the
+    accuracy pass on several threads counts the same images right."""
+    from autoprune.evaluate import recalibrate_bn
+    from autoprune.prune import apply_policy
+    from autoprune.train import evaluate
+
+    model, space, _, _, _ = setup
+    pruned = apply_policy(model, space.uniform(0.5), example_input=torch.zeros(1, 1, 8, 8))
+    models = {w: copy.deepcopy(pruned) for w in (1, 2, 3)}
+    for w, m in models.items():
+        recalibrate_bn(m, digits.train, batches=10, batch_size=32, seed=4, workers=w)
+    bns = {w: [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+           for w, m in models.items()}
+    assert bns[1] and not bns[1][0].training  # back in eval mode
+    for w in (2, 3):
+        for one, many in zip(bns[1], bns[w], strict=True):
+            torch.testing.assert_close(many.running_mean, one.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(many.running_var, one.running_var, rtol=1e-5, atol=1e-6)
+            assert many.num_batches_tracked.item() == 10 and many.momentum == one.momentum
+    # the statistics moved: the pruned copy's were the unpruned model's
+    assert not torch.allclose(bns[1][1].running_mean,
+                              [b for b in pruned.modules()
+                               if isinstance(b, torch.nn.BatchNorm2d)][1].running_mean)
+    threads = torch.get_num_threads()
+    accs = {w: evaluate(models[1], digits.val, batch_size=16, workers=w) for w in (1, 2, 3)}
+    assert accs[1] == accs[2] == accs[3] and 0 < accs[1] <= 1
+    assert models[1].training is False and torch.get_num_threads() == threads  # restored
 
 
 def test_infeasible_budget_is_refused_up_front(setup):
