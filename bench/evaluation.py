@@ -4,7 +4,8 @@ its accuracy pass, run one batch at a time on ``--threads`` intra-op threads aga
 evaluator does). Prints one JSON document, a Markdown table on stderr and, with ``--plot``, a
 PNG.
 
-    python bench/evaluation.py [--policies 16] [--keep 0.3:0.7] [--threads 2] [--plot PATH]
+    python bench/evaluation.py [--policies 16] [--keep 0.3:0.7] [--threads 2] [--load N]
+                               [--plot PATH]
 
 The shipped ResNet-20 on Fashion-MNIST by default (``--weights`` for another checkpoint), the
 evaluator's defaults: adaptive BN on 10 training batches of 128, accuracy on the first 2000
@@ -13,6 +14,8 @@ channels drawn from ``--keep`` (rounded to the space's grid); it is pruned once 
 scores its own copy, the two ways in alternating order. The JSON gives, per way, the median,
 IQR and maximum of the seconds per evaluation (pruning excluded: the same for both), the
 median ratio of the two on the same policy, and whether the two scored every policy alike.
+``--load N`` keeps N other processes busy meanwhile (one thread each, multiplying matrices),
+as on a machine whose cores something else takes in turns.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +38,45 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "iqr": q[2] - q[0], "max": max(xs), "runs": xs}
 
 
+_BUSY = """
+import torch
+torch.set_num_threads(1)
+x = torch.randn(256, 256)
+while True:
+    x = torch.tanh(x @ x)
+"""
+
+
+def _one_policy(i, a, lo, hi, rng, space, loaded, data, val, example, ways, times,
+                parts) -> bool:
+    """Draw policy ``i``, score it both ways (in alternating order), record the seconds;
+    whether the two ways scored it alike."""
+    from autoprune.evaluate import recalibrate_bn
+    from autoprune.policy import Policy
+    from autoprune.prune import apply_policy
+    from autoprune.train import evaluate
+
+    policy = Policy.from_dict({
+        g.name: min(g.choices, key=lambda c, f=rng.uniform(lo, hi), g=g:
+                    abs(c - f * g.channels)) for g in space.groups})
+    pruned = apply_policy(loaded.model, policy, example_input=example)
+    accs = {}
+    for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
+        model = copy.deepcopy(pruned)
+        t0 = time.perf_counter()
+        recalibrate_bn(model, data.train, batches=a.bn_batches, batch_size=128,
+                       workers=ways[way])
+        t1 = time.perf_counter()
+        accs[way] = evaluate(model, val, workers=ways[way])
+        t2 = time.perf_counter()
+        times[way].append(t2 - t0)
+        parts[way]["bn"].append(t1 - t0)
+        parts[way]["accuracy"].append(t2 - t1)
+    print(f"policy {i}: " + ", ".join(f"{w} {times[w][-1]:.3f} s" for w in ways),
+          file=sys.stderr, flush=True)
+    return len(set(accs.values())) == 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", help="an autoprune checkpoint (default: the shipped ResNet-20)")
@@ -45,6 +88,8 @@ def main() -> int:
     ap.add_argument("--bn-batches", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", help="a PNG of each policy's seconds, both ways")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="N busy processes beside the evaluations")
     a = ap.parse_args()
     try:
         lo, hi = (float(v) for v in a.keep.split(":"))
@@ -53,9 +98,9 @@ def main() -> int:
         print(f"evaluation: error: --keep {a.keep!r}: give LO:HI with 0 < LO <= HI <= 1, e.g. "
               "0.3:0.7", file=sys.stderr)
         return 2
-    if a.threads < 2 or a.policies < 1:
-        print("evaluation: error: --threads must be >= 2 (one thread has one way only) and "
-              "--policies >= 1", file=sys.stderr)
+    if a.threads < 2 or a.policies < 1 or a.load < 0:
+        print("evaluation: error: --threads must be >= 2 (one thread has one way only), "
+              "--policies >= 1 and --load >= 0", file=sys.stderr)
         return 2
 
     import numpy as np
@@ -63,10 +108,6 @@ def main() -> int:
 
     from autoprune import cli
     from autoprune.errors import UserError
-    from autoprune.evaluate import recalibrate_bn
-    from autoprune.policy import Policy
-    from autoprune.prune import apply_policy
-    from autoprune.train import evaluate
 
     torch.set_num_threads(a.threads)
     args = SimpleNamespace(weights=a.weights, model=None, data=None, space=None, round_to=None)
@@ -84,28 +125,18 @@ def main() -> int:
     times: dict[str, list[float]] = {w: [] for w in ways}
     parts: dict[str, dict[str, list[float]]] = {w: {"bn": [], "accuracy": []} for w in ways}
     alike = 0
-    for i in range(a.policies):
-        policy = Policy.from_dict({
-            g.name: min(g.choices, key=lambda c, f=rng.uniform(lo, hi), g=g:
-                        abs(c - f * g.channels)) for g in space.groups})
-        pruned = apply_policy(loaded.model, policy, example_input=example)
-        accs = {}
-        for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
-            model = copy.deepcopy(pruned)
-            t0 = time.perf_counter()
-            recalibrate_bn(model, data.train, batches=a.bn_batches, batch_size=128,
-                           workers=ways[way])
-            t1 = time.perf_counter()
-            accs[way] = evaluate(model, val, workers=ways[way])
-            t2 = time.perf_counter()
-            times[way].append(t2 - t0)
-            parts[way]["bn"].append(t1 - t0)
-            parts[way]["accuracy"].append(t2 - t1)
-        alike += len(set(accs.values())) == 1
-        print(f"policy {i}: " + ", ".join(f"{w} {times[w][-1]:.3f} s" for w in ways),
-              file=sys.stderr, flush=True)
+    busy = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(a.load)]
+    try:
+        for i in range(a.policies):
+            alike += _one_policy(i, a, lo, hi, rng, space, loaded, data, val, example, ways,
+                                 times, parts)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
     one, many = (times[w] for w in ways)
-    out = {"threads": a.threads, "policies": a.policies, "keep": [lo, hi],
+    out = {"threads": a.threads, "policies": a.policies, "keep": [lo, hi], "load": a.load,
            "val_images": len(val), "bn_batches": a.bn_batches,
            "torch": torch.__version__,
            "seconds": {w: {**_stats(times[w]),
