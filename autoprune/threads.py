@@ -1,10 +1,11 @@
 """Forward passes over independent batches, spread over threads.
 
-The models pruned here are small: a ResNet-20 at half its channels runs convs of 4 to 32
-channels, which torch's intra-op threads split poorly. Two batches at a time, one intra-op
-thread each, score a candidate in about half the time that two intra-op threads on one batch at
-a time take (`bench/README.md`, "One evaluation on two threads"). Torch ops release the GIL, so
-Python threads suffice; each gets the caller's grad mode (it is thread-local)."""
+Two batches at a time on one intra-op thread each, rather than one batch on two threads:
+on a quiet machine it is as fast (the shipped ResNet-20's candidates, pruned to convs of 4 to
+64 channels, evaluated in a search), and where another process takes a core it is 2.4x faster,
+since two threads splitting each op both wait for the slower one (`bench/README.md`,
+`evaluation.py`). Torch ops release the GIL, so Python threads suffice; each gets the caller's
+grad mode (it is thread-local)."""
 
 from __future__ import annotations
 
