@@ -57,11 +57,11 @@ def evaluate(model: nn.Module, split: Split, *, batch_size: int = 250,
     """Top-1 accuracy in [0, 1]. Batches of 250 are ~3x faster here than one big batch; on the
     CPU, ``workers`` batches run at a time, one intra-op thread each (default: torch's threads,
     `--threads`; `threads.split_forward`). The model is only read: its threads share it."""
+    if batch_size < 1:
+        raise UserError(f"`--batch-size` must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    if batch_size < 1:
-        raise UserError(f"`--batch-size` must be >= 1, got {batch_size}")
 
     def correct(_k, starts):
         n = 0

@@ -47,36 +47,6 @@ while True:
 """
 
 
-def _one_policy(i, a, lo, hi, rng, space, loaded, data, val, example, ways, times,
-                parts) -> bool:
-    """Draw policy ``i``, score it both ways (in alternating order), record the seconds;
-    whether the two ways scored it alike."""
-    from autoprune.evaluate import recalibrate_bn
-    from autoprune.policy import Policy
-    from autoprune.prune import apply_policy
-    from autoprune.train import evaluate
-
-    policy = Policy.from_dict({
-        g.name: min(g.choices, key=lambda c, f=rng.uniform(lo, hi), g=g:
-                    abs(c - f * g.channels)) for g in space.groups})
-    pruned = apply_policy(loaded.model, policy, example_input=example)
-    accs = {}
-    for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
-        model = copy.deepcopy(pruned)
-        t0 = time.perf_counter()
-        recalibrate_bn(model, data.train, batches=a.bn_batches, batch_size=128,
-                       workers=ways[way])
-        t1 = time.perf_counter()
-        accs[way] = evaluate(model, val, workers=ways[way])
-        t2 = time.perf_counter()
-        times[way].append(t2 - t0)
-        parts[way]["bn"].append(t1 - t0)
-        parts[way]["accuracy"].append(t2 - t1)
-    print(f"policy {i}: " + ", ".join(f"{w} {times[w][-1]:.3f} s" for w in ways),
-          file=sys.stderr, flush=True)
-    return len(set(accs.values())) == 1
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", help="an autoprune checkpoint (default: the shipped ResNet-20)")
@@ -108,6 +78,10 @@ def main() -> int:
 
     from autoprune import cli
     from autoprune.errors import UserError
+    from autoprune.evaluate import recalibrate_bn
+    from autoprune.policy import Policy
+    from autoprune.prune import apply_policy
+    from autoprune.train import evaluate
 
     torch.set_num_threads(a.threads)
     args = SimpleNamespace(weights=a.weights, model=None, data=None, space=None, round_to=None)
@@ -124,12 +98,35 @@ def main() -> int:
     ways = {"one batch at a time": 1, "a batch a thread": a.threads}
     times: dict[str, list[float]] = {w: [] for w in ways}
     parts: dict[str, dict[str, list[float]]] = {w: {"bn": [], "accuracy": []} for w in ways}
+
+    def score(i: int) -> bool:
+        """Draw policy ``i``, score it both ways (in alternating order), record the seconds;
+        whether the two ways scored it alike."""
+        policy = Policy.from_dict({g.name: min(g.choices, key=lambda c, f=rng.uniform(lo, hi),
+                                               g=g: abs(c - f * g.channels))
+                                   for g in space.groups})
+        pruned = apply_policy(loaded.model, policy, example_input=example)
+        accs = {}
+        for way in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
+            model = copy.deepcopy(pruned)
+            t0 = time.perf_counter()
+            recalibrate_bn(model, data.train, batches=a.bn_batches, batch_size=128,
+                           workers=ways[way])
+            t1 = time.perf_counter()
+            accs[way] = evaluate(model, val, workers=ways[way])
+            t2 = time.perf_counter()
+            times[way].append(t2 - t0)
+            parts[way]["bn"].append(t1 - t0)
+            parts[way]["accuracy"].append(t2 - t1)
+        print(f"policy {i}: " + ", ".join(f"{w} {times[w][-1]:.3f} s" for w in ways),
+              file=sys.stderr, flush=True)
+        return len(set(accs.values())) == 1
+
     alike = 0
     busy = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(a.load)]
     try:
         for i in range(a.policies):
-            alike += _one_policy(i, a, lo, hi, rng, space, loaded, data, val, example, ways,
-                                 times, parts)
+            alike += score(i)
     finally:
         for p in busy:
             p.kill()
