@@ -213,7 +213,11 @@ def test_report_fields_are_present_and_consistent(chain):
         # 3 rounds, or more where a busy spell held the median round back (up to 9)
         assert 3 <= len(lat["rounds_ms"]) <= 9
         assert lat["settled"] == settled(lat["rounds_ms"])
-        assert len(lat["rounds_ms"]) == 3 or not settled(lat["rounds_ms"][:-1])
+    # the two models take their rounds together, and one more is added until both settle:
+    # a round past the third means one of them had not settled before it
+    rounds = [side["latency"]["rounds_ms"] for side in (u, p)]
+    assert len(rounds[0]) == len(rounds[1])
+    assert len(rounds[0]) == 3 or not all(settled(r[:-1]) for r in rounds)
     assert r["speedup"]["measured"] == pytest.approx(u["latency"]["median_ms"]
                                                      / p["latency"]["median_ms"])
     best = json.loads((chain["runs"] / "s" / "best_policy.json").read_text())
