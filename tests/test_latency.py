@@ -4,6 +4,9 @@ the predictor, validation, and every refusal through the real CLI."""
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -107,6 +110,34 @@ def test_measure_tiny_model(device, tiny, tmp_path, monkeypatch):
         per_op = backend.per_op(model, (1, 1, 8, 8))
     assert _good(stat) and _good(op)
     assert per_op and all(v >= 0 for v in per_op.values())
+
+
+_AFFINITY_AFTER_TVM = """
+import json, os
+from torch import nn
+from autoprune.latency.backends import get_backend
+from autoprune.latency.devices import get_device
+before = sorted(os.sched_getaffinity(0))
+model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()).eval()
+with get_backend(get_device("cpu-tvm-untuned")) as backend:
+    backend.measure_model(model, (1, 1, 8, 8))
+print(json.dumps([before, sorted(os.sched_getaffinity(0))]))
+"""
+
+
+@pytest.mark.tvm
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs this process may run on, and Linux's affinity calls")
+def test_a_tvm_measurement_leaves_the_process_on_all_its_cpus(tmp_path):
+    """TVM's thread pool pinned the thread that ran a module to CPU 0, for good: the rest of
+    the process (torch's evaluation threads, `export`'s measurements after its TVM library)
+    then ran on one core. Measured in a fresh process, where TVM's pool starts."""
+    env = {**os.environ, "AUTOPRUNE_CACHE": str(tmp_path)}
+    env.pop("TVM_BIND_THREADS", None)
+    out = subprocess.run([sys.executable, "-c", _AFFINITY_AFTER_TVM], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    before, after = json.loads(out)
+    assert after == before and len(before) >= 2
 
 
 @pytest.mark.slow

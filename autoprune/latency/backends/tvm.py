@@ -48,6 +48,12 @@ class TvmBackend(Backend):
         """``connect=False`` (a remote device only): compile for it without an RPC session,
         e.g. to export a cross-compiled library while the board is unreachable."""
         super().__init__(device)
+        # TVM's thread pool pins the thread that runs a module to CPU 0 as it starts (unless
+        # TVM_BIND_THREADS says not to), and the pin outlived the run: everything the process
+        # did next ran on one core, torch's evaluation threads included (they inherit it),
+        # and so did the measurements of `export`, which builds its TVM library first. A
+        # value the user set is kept.
+        os.environ.setdefault("TVM_BIND_THREADS", "0")
         import tvm
 
         self._tvm = tvm
