@@ -1495,7 +1495,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs/<study>/finetune/best.pt, else the unfine-tuned best policy)")
     p.add_argument("--static-batch", action="store_true",
                    help="fix the batch size (the device's) in ONNX and torch.export")
-    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="alternating measurement rounds, at least (more are added until they "
+                        "span 5 s, and while a busy spell holds most of them back)")
     p.add_argument("--weights", help="the study's base checkpoint, if it has moved")
     p.add_argument("--tables", help="folder of latency tables (TVM tuning databases)")
     p.add_argument("--trials-per-task", type=int,

@@ -88,6 +88,32 @@ def test_end_to_end_reports_json_table_and_plot(cli_env, tmp_path):
     assert_user_error_bench(_bench("end_to_end.py", "--render", tmp_path / "bad.json"),
                             "end_to_end.py", "not this script's JSON output")
 
+    # the report's measurement of that study, repeated (`report_measurement.py`)
+    proc = _bench("report_measurement.py", "--study", r["study"], "--runs", tmp_path / "runs",
+                  "--repeats", "2", "--plot", tmp_path / "rm.png")
+    assert proc.returncode == 0, proc.stderr
+    rm = json.loads(proc.stdout)
+    from autoprune.report import MAX_ROUNDS, MIN_SECONDS
+
+    study = tmp_path / "runs" / r["study"]
+    best = json.loads((study / "best_policy.json").read_text())
+    ref = json.loads((study / "reference.json").read_text())
+    assert rm["predicted_speedup"]["table"] == pytest.approx(
+        ref["unpruned"]["latency_ms"] / best["latency_ms"])
+    assert rm["predicted_speedup"]["checked"] == pytest.approx(
+        rm["predicted_speedup"]["table"] * r["budget_check_scale"])
+    assert len(rm["runs"]) == rm["repeats"] == 2
+    for run in rm["runs"]:
+        u, p = run["rounds_ms"]["unpruned"], run["rounds_ms"]["pruned"]
+        assert len(u) == len(p) == run["now"]["rounds"] and 10 <= len(u) <= MAX_ROUNDS
+        assert run["now"]["span_s"] >= MIN_SECONDS or len(u) == MAX_ROUNDS
+        assert run["now"]["speedup"] == pytest.approx(min(u) / min(p))  # quickest rounds
+        assert 3 <= run["before"]["rounds"] <= 9
+    assert "| quickest round, rounds over 5 s (now) | table |" in _table(proc.stderr)
+    assert _is_png(tmp_path / "rm.png")
+    assert_user_error_bench(_bench("report_measurement.py", "--study", "nope", "--runs",
+                                   tmp_path / "runs"), "report_measurement.py", "no study")
+
 
 def assert_user_error_bench(proc, script, needle):
     """As `assert_user_error`, for a bench script's own prefix."""
