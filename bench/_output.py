@@ -14,6 +14,32 @@ STYLE = {"evolution": ("o", "tab:blue"), "amc": ("^", "tab:purple"),
          "tp-global": ("D", "tab:green")}
 
 
+def per_item_plot(path, series: dict[str, list[float]], *, hlines: dict[float, str | None],
+                  xlabel: str, ylabel: str, title: str, from_zero: bool = False) -> str:
+    """One marker per item (x: its index) for each of ``series`` (label -> values), dashed red
+    lines at ``hlines`` (y -> legend label, or None for none), written as a PNG to ``path``;
+    returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for (label, ys), marker in zip(series.items(), "os^v", strict=False):
+        ax.plot(range(len(ys)), ys, marker=marker, ls="", label=label)
+    for y, label in hlines.items():
+        ax.axhline(y, color="tab:red", ls="--", lw=1, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if from_zero:
+        ax.set_ylim(0, None)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
 def panels(groups, path: Path, *, xlabel: str, ylabel: str) -> Path | None:
     """``groups``: ``[(title, budget, {method: [(x, y), ...]})]``; nothing drawn without
     points. Writes a PNG to ``path`` and returns it."""

@@ -152,22 +152,12 @@ def main() -> int:
           f"{out['ratio_median']:.3f}; the same accuracy on {alike} of {a.policies}",
           file=sys.stderr)
     if a.plot:
-        import matplotlib
+        from _output import per_item_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for w, marker in zip(ways, "os", strict=True):
-            ax.plot(range(a.policies), times[w], marker=marker, ls="", label=w)
-        ax.axhline(1.5, color="tab:red", ls="--", lw=1, label="1.5 s (the issue's target)")
-        ax.set(xlabel="policy", ylabel="seconds per evaluation", ylim=(0, None),
-               title=f"One evaluation on {a.threads} threads")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.plot)
-        out["plot"] = a.plot
+        out["plot"] = per_item_plot(a.plot, times, hlines={1.5: "1.5 s (the issue's target)"},
+                                    xlabel="policy", ylabel="seconds per evaluation",
+                                    title=f"One evaluation on {a.threads} threads",
+                                    from_zero=True)
     print(json.dumps(out, indent=2))
     return 0
 

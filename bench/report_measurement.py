@@ -117,25 +117,15 @@ def main() -> int:
             print(f"| {names[way]} | {k} | {s['median_abs_error_pct']:.1f}% | "
                   f"{s['max_abs_error_pct']:.1f}% | {s['within_5pct']:.0%} |", file=sys.stderr)
     if a.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from _output import per_item_plot
 
         key = "checked" if "checked" in predictions else "table"
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for way, marker in (("now", "o"), ("before", "s")):
-            ax.plot(range(len(runs)), [r[way]["error_pct"][key] for r in runs], marker=marker,
-                    ls="", label=names[way])
-        for y in (-5, 5):
-            ax.axhline(y, color="tab:red", ls="--", lw=1)
-        ax.set(xlabel="repeat", ylabel=f"(predicted - measured) / measured, % ({key})",
-               title=f"Speedup of study {a.study} on {device.name}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.plot)
-        out["plot"] = a.plot
+        out["plot"] = per_item_plot(
+            a.plot, {names[way]: [r[way]["error_pct"][key] for r in runs]
+                     for way in ("now", "before")},
+            hlines={-5: None, 5: None}, xlabel="repeat",
+            ylabel=f"(predicted - measured) / measured, % ({key})",
+            title=f"Speedup of study {a.study} on {device.name}")
     print(json.dumps(out, indent=2))
     return 0
 
