@@ -579,22 +579,34 @@ def _check_budget(args, device, model, space, predictor, budget_ms: float,
         return budget_ms, None
     policies = near_budget_policies(space, predictor, budget_ms, args.budget_check,
                                     seed=args.seed)
+    least = len(policies) * BUDGET_CHECK_PASSES  # measurements; more where it is busy
     with _backend(device, args) as backend, \
-            bar(f"check the budget on {device.name}", len(policies) * BUDGET_CHECK_PASSES,
-                enabled=not args.quiet) as pbar:
+            bar(f"check the budget on {device.name}", least, enabled=not args.quiet,
+                fields="quiet {task.fields[quiet]}") as pbar:
+        measured = [0]
+
+        def advance(*_):
+            measured[0] += 1
+            if measured[0] <= least:  # the passes a busy machine adds run with the bar full
+                pbar.advance()
+
         measure = budget_measurer(backend, model, space, fraction=args.latency_budget,
-                                  budget_ms=args.latency_budget_ms,
-                                  on_measured=lambda *_: pbar.advance())
-        check = check_budget(policies, predictor, budget_ms, measure,
-                             floor_ms=predictor.min_latency())
+                                  budget_ms=args.latency_budget_ms, on_measured=advance)
+        check = check_budget(
+            policies, predictor, budget_ms, measure, floor_ms=predictor.min_latency(),
+            on_pass=lambda _, quiet: pbar.update(quiet=f"{quiet}/{len(policies)}"))
     if (resumed := saved_check()) is not None:  # a worker beside this one made the study
         return resumed
     import statistics
 
     med = statistics.median(check.measured_over_predicted)
     line = (f"budget checked on {device.name}: {len(policies)} policies the table puts at "
-            f"the budget measure {med:.3f} x it (median); searching to "
+            f"the budget measure {med:.3f} x it (median; {check.passes} passes); searching to "
             f"{budget_ms * check.scale:.4f} ms predicted (the table's {budget_ms:.4f})")
+    if check.unquiet:
+        line += (f"; {check.unquiet} of them were never measured while the unpruned model "
+                 "beside them ran at its quickest (the machine was busy), their quickest "
+                 "counted")
     if check.clamped:
         log.warning("%s, held there: the table is far off this machine near the budget; "
                     "rebuild it with `%s`", line, _profile_command(args, "--rebuild"))

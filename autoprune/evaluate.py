@@ -277,6 +277,19 @@ def near_budget_policies(space: SearchSpace, predictor, budget_ms: float, n: int
     return out[:n]
 
 
+def _quietest_reference(records: list[list[dict]]) -> float | None:
+    """The quickest unpruned reference among `budget_measurer` records (None: none has one)."""
+    return min((r["reference_ms"] for rs in records for r in rs if "reference_ms" in r),
+               default=None)
+
+
+def _quiet(record: dict, quietest: float | None) -> bool:
+    """Whether a `budget_measurer` record was taken in a quiet moment: its reference ran
+    within ``BUDGET_CHECK_QUIET`` of ``quietest`` (a record with none always counts)."""
+    return quietest is None or "reference_ms" not in record or \
+        record["reference_ms"] <= quietest * (1 + BUDGET_CHECK_QUIET)
+
+
 @dataclass
 class BudgetCheck:
     """What `check_budget` found: the budget in the predictor's ms is scaled by ``scale`` so
@@ -286,18 +299,26 @@ class BudgetCheck:
     table_budget_ms: float
     measured_over_predicted: list[float]  # per policy: measured ÷ predicted, over the budget
     clamped: bool = False
+    passes: int = 0  # passes over the policies
+    unquiet: int = 0  # policies never measured in a quiet moment (see `check_budget`)
 
     def to_dict(self) -> dict[str, Any]:  # config.json's ``budget_check``
         return asdict(self)
 
 
 BUDGET_CHECK_LIMIT = 1.25  # the most the check moves the budget, either way
-BUDGET_CHECK_PASSES = 2  # passes over the policies; each keeps its quickest
+BUDGET_CHECK_PASSES = 2  # passes over the policies, at least; each keeps its quickest
+BUDGET_CHECK_QUIET = 0.05  # a quiet moment: the unpruned model within this of its quickest
+# Passes span this long at least (a quick moment came every 10 to 20 s in the slow spell of
+# 2026-12-07, so the quickest reference needs time to show), and go on to the longer span at
+# most for every policy to get a quiet measurement.
+BUDGET_CHECK_MIN_SECONDS, BUDGET_CHECK_SECONDS = 10.0, 30.0
 
 
 def check_budget(policies: list[Policy], predictor, budget_ms: float, measure, *,
-                 floor_ms: float | None = None,
-                 passes: int = BUDGET_CHECK_PASSES) -> BudgetCheck:
+                 floor_ms: float | None = None, passes: int = BUDGET_CHECK_PASSES,
+                 min_seconds: float = BUDGET_CHECK_MIN_SECONDS,
+                 max_seconds: float = BUDGET_CHECK_SECONDS, on_pass=None) -> BudgetCheck:
     """Measure ``policies`` (`near_budget_policies`) with ``measure`` (`budget_measurer`:
     ``over_budget`` is measured latency over the *user's* budget) and scale the budget the
     search uses, in the predictor's ms, by the median of predicted over measured.
@@ -314,19 +335,55 @@ def check_budget(policies: list[Policy], predictor, budget_ms: float, measure, *
     policies: once 4 of 8 measured 1.19 to 1.30 x their prediction and the rest 1.02 to 1.05,
     the median tightened the budget by 8.5%, and at 0.3 that left random one feasible policy.
     So every policy is measured in each of ``passes`` passes over them all (a spell catches
-    different policies in each) and keeps its quickest."""
-    ratios = [math.inf] * len(policies)
-    for _ in range(passes):
+    different policies in each) and keeps its quickest.
+
+    A spell can also outlast the passes: the main job's check of 2026-12-07 measured all 8
+    policies at 1.20 to 1.36 x the table in both passes (8 s), in a slow state of the machine
+    that cost those models 1.4x and the unpruned one 1.14x, and held the budget at x 0.8; its
+    winner then measured 0.41 of the unpruned latency for a budget of 0.5. Where the budget is
+    a fraction, each measurement has the unpruned model measured beside it, which tells the
+    state of the machine at that moment: a measurement is quiet where that reference ran
+    within ``BUDGET_CHECK_QUIET`` of the quickest reference of the whole check. Passes span
+    ``min_seconds`` at least, for the quickest reference to show, and go on, up to
+    ``max_seconds`` from the start, until every policy has a quiet measurement; a policy's
+    ratio is its quickest over its quiet ones (over all of them where it has none: ``unquiet``
+    counts those). Where the machine is slow all the while, no moment looks quieter than
+    another and the check cannot tell. A budget in ms has no reference: its measurements all
+    count, and ``passes`` over ``min_seconds`` are all it takes. ``on_pass(passes, quiet)``,
+    if given, hears after each pass how many policies have a quiet measurement."""
+    records: list[list[dict]] = [[] for _ in policies]
+    start, done = time.perf_counter(), 0
+    while True:
         for i, p in enumerate(policies):
-            predicted = predictor.predict(p) / budget_ms
-            ratios[i] = min(ratios[i], measure(p)["over_budget"] / predicted)
+            records[i].append(measure(p))
+        done += 1
+        quietest = _quietest_reference(records)
+        quiet = sum(any(_quiet(r, quietest) for r in rs) for rs in records)
+        if on_pass is not None:
+            on_pass(done, quiet)
+        spent = time.perf_counter() - start
+        if done >= passes and spent >= min_seconds and (
+                spent >= max_seconds or quiet == len(records)):
+            break
+
+    def over(r: dict) -> float:  # over the budget, as of the quickest reference of the check
+        if "budget_reference_ms" in r and quietest is not None:
+            return r["over_budget"] * r["budget_reference_ms"] / quietest
+        return r["over_budget"]
+
+    ratios, unquiet = [], 0
+    for p, rs in zip(policies, records, strict=True):
+        calm = [r for r in rs if _quiet(r, quietest)]
+        unquiet += not calm
+        ratios.append(min(over(r) for r in (calm or rs)) / (predictor.predict(p) / budget_ms))
     med = statistics.median(ratios)
     scale = min(max(1.0 / med, 1.0 / BUDGET_CHECK_LIMIT), BUDGET_CHECK_LIMIT)
     clamped = scale != 1.0 / med
     if floor_ms is not None and budget_ms * scale < floor_ms:
         scale, clamped = floor_ms / budget_ms, True
     return BudgetCheck(scale=scale, table_budget_ms=budget_ms,
-                       measured_over_predicted=ratios, clamped=clamped)
+                       measured_over_predicted=ratios, clamped=clamped, passes=done,
+                       unquiet=unquiet)
 
 
 def first_measured_fit(candidates, measure, *, tolerance: float, top: int,
