@@ -544,12 +544,14 @@ def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tmp_path, capl
     """A table extended later (here: a finer search grid) was measured at two times, and this
     machine's speed moves between sessions (1.2 to 1.3x here). The run re-measures some of the
     table's entries and scales the new ones to match, so a width added later is not cheap
-    merely because it was measured on a faster spell: make the stored entries 4x slower than
+    merely because it was measured on a faster spell: make the stored entries 10x slower than
     now, and the widths added between them still cost what their neighbours cost. The table
     is measured here, just before: with the module's table, measured minutes earlier, the
     scale once came out 1.01 in CI (the machine's speed had moved by about as much). Even
-    seconds apart the tiny model's ops moved 1.5x once in CI (a factor of 1.6 came out 2.44),
-    so the factor is large and the bounds allow the speed to move 0.6 to 2x."""
+    seconds apart the tiny model's ops moved 1.5x once in CI (a factor of 1.6 came out 2.44)
+    and 1.75x another time (a factor of 4 came out 2.28: this machine's slow state costs an op
+    of microseconds most), so the factor is large and the bounds allow the speed to move 0.33
+    to 3.3x."""
     import dataclasses
     import logging
 
@@ -561,7 +563,7 @@ def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tmp_path, capl
                     model_name=str(spec.name), path=path8, calibrate_n=2)
     path = tmp_path / "cpu-ort" / "tiny.json"
     table = LatencyTable.load(path8)
-    table.entries = {k: dataclasses.replace(v, median_ms=v.median_ms * 4.0)
+    table.entries = {k: dataclasses.replace(v, median_ms=v.median_ms * 10.0)
                      for k, v in table.entries.items()}
     table.save(path)
     key = model_key(spec.name, (1, 1, 8, 8))
@@ -575,13 +577,13 @@ def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tmp_path, capl
         assert setup.extension == ext  # and told to the caller (`profile` prints it)
         added = set(stored.entries) - set(table.entries)
         assert ext["added"] == len(added) > 0 and ext["anchors"] >= 4
-        assert 2.4 < ext["scale"] < 8.0, ext
+        assert 3.0 < ext["scale"] < 30.0, ext
         assert "new entries were scaled by" in caplog.text
         conv2 = [op for op in setup.ops if op.name == "conv2"][0]
         g1, g2 = conv2.in_group, conv2.out_group
         at = {c: stored.entries[conv2.sig({g1: 16, g2: c}).key].median_ms for c in (16, 20, 24)}
         assert conv2.sig({g1: 16, g2: 20}).key in added
-        assert at[20] > 0.8 * min(at[16], at[24]), at  # ~0.25x without the scaling
+        assert at[20] > 0.8 * min(at[16], at[24]), at  # ~0.1x without the scaling
         # nothing to add: nothing measured again, no record
         assert build_table(model, space4, device, backend, key=key, model_name=str(spec.name),
                            path=path).extension is None
