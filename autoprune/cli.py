@@ -1131,6 +1131,8 @@ def cmd_export(args) -> int:
     from .report import build_report, measure_pair, rows, write_report
     from .train import evaluate
 
+    if args.rounds < 1:
+        raise UserError(f"`--rounds` must be >= 1, got {args.rounds}")
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:

@@ -322,6 +322,8 @@ def test_bad_input(chain, tmp_path):
                               "--out", blocker / "ft.pt"), "cannot create folder")
     assert_user_error(run_cli("export", "--study", "s", "--runs", runs, "--format", "onnx,gguf"),
                       "`--format`")
+    assert_user_error(run_cli("export", "--study", "s", "--runs", runs, "--rounds", "0"),
+                      "`--rounds` must be >= 1, got 0")
     assert_user_error(run_cli("export", "--study", "s", "--runs", runs, "--checkpoint",
                               chain["ckpt"]), "not fine-tuned from study")
     assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "0"),
