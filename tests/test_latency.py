@@ -590,6 +590,31 @@ def test_adding_to_a_table_puts_new_entries_on_its_timebase(tiny, tmp_path, capl
     assert len(LatencyTable.load(path).extensions) == 1
 
 
+def test_a_new_table_takes_entries_from_finished_tables_of_the_device_not_from_one_being_written(
+        tiny, tiny_table, tmp_path):
+    """Two processes may profile into one folder at once (two workers of a shared study did,
+    in CI): a table being written sits under a hidden temporary name, renamed over its table a
+    moment later. A new table takes what the finished tables of the device hold, and never
+    reads the hidden file (it once vanished between the listing and the read: a traceback)."""
+    import dataclasses
+
+    spec, model, space = tiny
+    _, src = tiny_table
+    folder = tmp_path / "cpu-ort"
+    folder.mkdir()
+    finished = LatencyTable.load(src)
+    finished.save(folder / "other.json")
+    half_written = dataclasses.replace(finished, entries={
+        k: dataclasses.replace(v, median_ms=1e6) for k, v in finished.entries.items()})
+    half_written.save(folder / ".tiny.json.x1y2z3.json")
+    device = get_device("cpu-ort")
+    with get_backend(device) as backend:
+        setup = build_table(model, space, device, backend, key=model_key(spec.name, (1, 1, 8, 8)),
+                            model_name=str(spec.name), path=folder / "tiny.json", calibrate_n=2)
+    assert setup.table.entries == finished.entries  # all of them reused, none measured again
+    assert setup.extension is None
+
+
 def test_coarse_profile_grid_interpolates(tiny, tmp_path):
     """A device may measure its table every 16 channels while searching every 8: widths in
     between are interpolated, never missing."""

@@ -88,11 +88,14 @@ def _sibling_entries(table: LatencyTable, device: TargetDevice, versions: dict[s
     returns how many were new."""
     added = 0
     for other in sorted(folder.glob("*.json")):
-        if table.path is not None and other.resolve() == table.path.resolve():
+        # a hidden name is another process's table half-way through its atomic write (pathlib's
+        # glob matches dot files): it is gone, renamed over its table, a moment later
+        if other.name.startswith(".") or (
+                table.path is not None and other.resolve() == table.path.resolve()):
             continue
         try:
             t = LatencyTable.load(other)
-        except UserError:
+        except (UserError, FileNotFoundError):  # deleted or replaced since the listing
             continue
         if t.mismatch(device, versions) is None:
             for k, v in t.entries.items():
