@@ -669,6 +669,9 @@ def cmd_search(args) -> int:
                         f"{args.verify_top}")
     if not 0 <= args.verify_tolerance < 1:
         raise UserError(f"`--verify-tolerance` must be in [0, 1), got {args.verify_tolerance}")
+    if not (math.isfinite(args.verify_seconds) and args.verify_seconds >= 0):
+        raise UserError("`--verify-seconds` must be a finite number >= 0 (0: one measurement "
+                        f"a candidate), got {args.verify_seconds}")
     if args.budget_check < 0:
         raise UserError(f"`--budget-check` must be >= 0 (0 trusts the latency table), got "
                         f"{args.budget_check}")
@@ -833,7 +836,7 @@ def _verify(study, args, device, model, space, reference) -> str:
     """The measured check that ends a search: the best candidates are measured whole on the
     device, most accurate first, until one is within the budget (plus ``--verify-tolerance``);
     that one is the study's best. Returns the line that tells the user what it found."""
-    from .evaluate import budget_measurer, ranked
+    from .evaluate import budget_measurer, ranked, watched_measurer
     from .latency.devices import availability
     from .progress import bar
 
@@ -848,9 +851,10 @@ def _verify(study, args, device, model, space, reference) -> str:
     with _backend(device, args) as backend, \
             bar(f"measure on {device.name}", 4 * args.verify_top + 2,  # the most it can take
                 enabled=not args.quiet) as pbar:
-        measure = budget_measurer(backend, model, space, fraction=budget.get("fraction"),
-                                  budget_ms=budget.get("ms"),
-                                  on_measured=lambda *_: pbar.advance())
+        measure = watched_measurer(
+            budget_measurer(backend, model, space, fraction=budget.get("fraction"),
+                            budget_ms=budget.get("ms")),
+            seconds=args.verify_seconds, on_measured=lambda *_: pbar.advance())
         found = study.verify(measure, tolerance=args.verify_tolerance, top=args.verify_top)
         for cand in reference.values():  # for the summary table
             study.measurement(cand.policy, measure)
@@ -878,8 +882,11 @@ def _verify(study, args, device, model, space, reference) -> str:
          ", ".join(f"{r:.3f}" for r in over) + " x budget)" +
          (f" and {skipped} not measured, whose predictions rescaled by those measurements "
           "are over it too" if skipped else "") + ", so the best is the next one")
+    watched = "" if got.get("measurements", 1) == 1 else \
+        (f", the quickest {'quiet ' if got.get('quiet') else ''}one of "
+         f"{got['measurements']} measurements")
     return (f"measured on {device.name}: best {got['median_ms']:.4f} ms = "
-            f"{got['over_budget']:.3f} x budget (within the {limit}){passed_over}")
+            f"{got['over_budget']:.3f} x budget (within the {limit}{watched}){passed_over}")
 
 
 TABLE_DRIFT = 0.2  # unpruned predicted vs measured, beyond which the table is suspect
@@ -1474,6 +1481,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-tolerance", type=float, default=0.05, metavar="T",
                    help="measured latency may exceed the budget by this fraction (default 0.05: "
                    "the noise of re-measuring one model here is about 2.5%%)")
+    p.add_argument("--verify-seconds", type=float, default=10.0, metavar="S",
+                   help="the measured check watches the machine's state for S seconds at least, "
+                   "and measures a candidate caught in a slow moment again for up to S seconds "
+                   "(this machine has slow spells of seconds to minutes); 0: one measurement a "
+                   "candidate")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_search)
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autoprune.data import load_dataset  # noqa: E402
 from autoprune.evaluate import (  # noqa: E402
+    VERIFY_SECONDS,
     Evaluator,
     budget_measurer,
     check_budget,
@@ -46,6 +47,7 @@ from autoprune.evaluate import (  # noqa: E402
     policy_key,
     ranked,
     resolve_budget,
+    watched_measurer,
 )
 from autoprune.latency.backends import get_backend  # noqa: E402
 from autoprune.latency.devices import get_device  # noqa: E402
@@ -80,6 +82,9 @@ def main() -> int:
     ap.add_argument("--verify-top", type=int, default=10,
                     help="measure at most this many of the best candidates (0: winner by "
                     "prediction alone)")
+    ap.add_argument("--verify-seconds", type=float, default=VERIFY_SECONDS,
+                    help="the measured check watches the machine's state this long at least, "
+                    "as `autoprune search --verify-seconds` does")
     ap.add_argument("--amc-warmup", type=int, help="amc's random warm-up episodes "
                     "(default: the searcher's)")
     ap.add_argument("--amc-action", choices=["bounds", "wall", "share", "reach"],
@@ -154,7 +159,7 @@ def main() -> int:
                         out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data,
                                                 space, pred, backend, args.trials, options,
                                                 args.verify_top, args.keep, args.budget_check,
-                                                progress))
+                                                progress, args.verify_seconds))
                         print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
     out["summary"] = _summarise(out["runs"])
     where = plot(out["runs"], Path(args.plot or "search_quality.png"))
@@ -203,7 +208,7 @@ def plot(runs, path: Path) -> Path | None:
 
 
 def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, trials, options,
-         verify_top, keep=None, budget_check=0, progress=None):
+         verify_top, keep=None, budget_check=0, progress=None, verify_seconds=VERIFY_SECONDS):
     check = None
     if budget_check:  # as `autoprune search` does before a new study's search
         t0 = time.perf_counter()
@@ -245,9 +250,11 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
     eval_s = [c.eval_s for c in cands]
     # each the quickest of three passes (one pass can catch a spike of this shared machine:
     # seen here, 0.399 ms once for a policy that measures 0.271-0.275 ms), alternating with
-    # the unpruned model, whose latency the budget is a fraction of
+    # the unpruned model, whose latency the budget is a fraction of, and watched over
+    # ``verify_seconds`` for the machine's slow state, as `autoprune search` does
     known: dict[str, dict] = {}
-    measure = budget_measurer(backend, model, space, fraction=budget_f)
+    measure = watched_measurer(budget_measurer(backend, model, space, fraction=budget_f),
+                               seconds=verify_seconds)
     t0 = time.perf_counter()
     predicted_best = ranked(cands)[0]
     best = first_measured_fit(cands, measure, tolerance=0.05, top=verify_top,

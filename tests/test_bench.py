@@ -32,7 +32,7 @@ def test_search_quality_reports_json_table_and_plot(cli_env, tmp_path):
     proc = _bench("search_quality.py", "--weights", ckpt, "--tables", tables, "--budgets", budget,
                   "--searchers", "random,uniform", "--seeds", "0", "--trials", "6",
                   "--threads", "1", "--verify-top", "2", "--budget-check", "2",
-                  "--plot", tmp_path / "q.png")
+                  "--verify-seconds", "1", "--plot", tmp_path / "q.png")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     runs = {r["searcher"]: r for r in out["runs"]}

@@ -93,6 +93,9 @@ def test_bad_arguments_get_one_line():
     assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-actor-reg", "-0.1"),
                       "`--amc-actor-reg` must be >= 0")
     assert_user_error(run_cli(*base, "--budget-check", "-2"), "`--budget-check` must be >= 0")
+    for bad in ("-1", "nan", "inf"):
+        assert_user_error(run_cli(*base, "--verify-seconds", bad),
+                          "`--verify-seconds` must be a finite number >= 0")
     assert_user_error(run_cli(*base, "--searcher", "amc", "--storage", "sqlite:///x.db"),
                       "`--searcher amc` runs in one process", "drop `--storage`")
     assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-repeats", "sometimes"),

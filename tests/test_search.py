@@ -1072,12 +1072,13 @@ def test_amc_acc_log_latency_reward(setup):
 # ------------------------------------------------------------------ CLI: kill and resume
 def _search_args(ckpt, tables, runs, searcher, trials, study, budget, check=0):
     """``check``: `--budget-check` (0 here by default: two studies made apart then search the
-    same budget, where a test compares them)."""
+    same budget, where a test compares them). The measured check watches the machine for 1 s,
+    not 10 (the chain of `test_deploy` runs the default)."""
     extra = {"evolution": ["--population", "4"], "amc": ["--warmup-episodes", "3"]}
     return ["search", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", tables,
             "--latency-budget", budget, "--searcher", searcher, "--trials", str(trials),
             "--study", study, "--runs", runs, "--val-images", "200", "--quiet",
-            "--budget-check", str(check), *extra.get(searcher, [])]
+            "--budget-check", str(check), "--verify-seconds", "1", *extra.get(searcher, [])]
 
 
 def test_a_new_study_checks_its_budget_on_the_device_and_a_resume_keeps_it(cli_env, tmp_path):
@@ -1602,7 +1603,7 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
     # did (the check would tighten its budget by 1.25, and the end check has less to do)
     args = ["search", "--target-device", "cpu-ort", "--weights", ckpt, "--tables", stale,
             "--latency-budget-ms", f"{budget_ms:.6f}", "--runs", runs, "--val-images", "200",
-            "--quiet", "--budget-check", "0"]
+            "--quiet", "--budget-check", "0", "--verify-seconds", "1"]
 
     # uniform: at a budget just over the stale table's unpruned model (``factor`` of the fresh
     # table's) its best is the unpruned model, and its fallbacks are cheaper uniform policies;
@@ -1745,6 +1746,90 @@ def test_measured_check_rescales_the_predictor_when_the_best_all_miss(tmp_path):
     # after the three widest, at most 3 more measured, and the rescaled predictor skipped some
     assert sum(policy_key(c.policy) in known for c in ahead) <= 2
     assert any(policy_key(c.policy) not in known for c in ahead)
+
+
+def test_the_measured_check_watches_the_machine_for_its_slow_state():
+    """The measured check at the end of a search (`watched_measurer`). This machine has a slow
+    state that costs a pruned ResNet-20 1.4x and the unpruned model 1.14x: one measurement
+    there puts a policy at 0.98 x budget at 1.2, and the check passed over the most accurate
+    candidate for a less accurate one. Watched, the first policy is measured until the
+    measurements span ``seconds`` (a quick moment shows); a later one caught in a slow moment
+    (its unpruned reference 5% over the quickest) again until one is quiet, for ``seconds`` at
+    most; each counts its quickest quiet measurement, against the quickest reference."""
+    import time
+
+    from autoprune.evaluate import Candidate, first_measured_fit, policy_key, watched_measurer
+
+    fraction, quick_ref = 0.5, 0.5
+
+    def device(true, slow):
+        """budget_measurer's records: policy ``p`` measures ``true[p]`` x budget on a quiet
+        machine (x 1.4, the reference x 1.14, where ``slow(call number, seconds since the
+        first call)``); each call takes 2 ms."""
+        calls, quietest, t0 = [], [float("inf")], []
+
+        def measure(p):
+            t0[:] = t0 or [time.perf_counter()]
+            time.sleep(0.002)
+            calls.append(p)
+            k = 1.4 if slow(len(calls), time.perf_counter() - t0[0]) else 1.0
+            ref = quick_ref * (1.14 if k > 1 else 1.0)
+            ms = true[p] * fraction * quick_ref * k
+            quietest[0] = min(quietest[0], ref)
+            return {"median_ms": ms, "reference_ms": ref, "budget_reference_ms": quietest[0],
+                    "over_budget": ms / (fraction * quietest[0])}
+
+        return measure, calls
+
+    a, b = Policy.from_dict({"g": 16}), Policy.from_dict({"g": 8})  # a: the more accurate
+    true = {a: 0.98, b: 0.75}
+    cands = [Candidate(a, 0.9, 1.0, 1, 1, True, "t", 0, 0.0),
+             Candidate(b, 0.8, 0.8, 1, 1, True, "t", 1, 0.0)]
+    spell = lambda n, t: t < 0.1  # noqa: E731 - slow for the check's first 0.1 s
+
+    # one measurement each (the check as it was): a at 1.2, b fits, a again still slow
+    measure, calls = device(true, spell)
+    known: dict = {}
+    got = first_measured_fit(cands, watched_measurer(measure, seconds=0), tolerance=0.05, top=2,
+                             known=known)
+    assert got.policy == b and len(calls) == 3
+    assert known[policy_key(a)]["over_budget"] == pytest.approx(0.98 * 1.4 / 1.14)
+    # watched for 0.2 s: a measured through the spell, and its quiet measurement fits
+    measure, calls = device(true, spell)
+    known = {}
+    got = first_measured_fit(cands, watched_measurer(measure, seconds=0.2), tolerance=0.05,
+                             top=2, known=known)
+    rec = known[policy_key(a)]
+    assert got.policy == a and rec["quiet"] and rec["measurements"] == len(calls) > 20
+    assert rec["over_budget"] == pytest.approx(0.98) and rec["budget_reference_ms"] == quick_ref
+
+    # a later policy caught in a slow moment is measured until a quiet one; one slow to the end
+    # stops at ``seconds`` and says so
+    measure, calls = device(true, lambda n, t: 0.15 < t < 0.25)
+    seen = []
+    watch = watched_measurer(measure, seconds=0.1, on_measured=lambda p, r: seen.append(p))
+    t0 = time.perf_counter()
+    assert watch(a)["measurements"] > 1
+    time.sleep(max(0.0, t0 + 0.16 - time.perf_counter()))
+    later = watch(b)  # ~0.09 s of slow measurements, then a quiet one
+    assert later["over_budget"] == pytest.approx(0.75) and later["quiet"]
+    assert later["measurements"] > 10
+    measure, calls = device(true, lambda n, t: n > 1)
+    watch = watched_measurer(measure, seconds=0.05)
+    assert watch(a)["quiet"] and not (stuck := watch(b))["quiet"]
+    assert stuck["over_budget"] == pytest.approx(0.75 * 1.4)  # against the quick reference
+    assert stuck["measurements"] > 0.05 / 0.002 / 2  # for ``seconds``
+    assert seen == [a, b]
+
+    # a budget in ms has no reference: the first policy's quickest over ``seconds``
+    def in_ms(p, t0=[]):  # noqa: B006 - the first call's time
+        t0[:] = t0 or [time.perf_counter()]
+        time.sleep(0.002)
+        slow = time.perf_counter() - t0[0] < 0.05
+        return {"median_ms": 1.4 if slow else 1.0, "over_budget": 1.4 if slow else 1.0}
+
+    rec = watched_measurer(in_ms, seconds=0.1)(a)
+    assert rec["over_budget"] == 1.0 and rec["quiet"] and "budget_reference_ms" not in rec
 
 
 def test_workers_sharing_a_study_merge_their_measurements(setup, tmp_path):
