@@ -114,6 +114,25 @@ def test_end_to_end_reports_json_table_and_plot(cli_env, tmp_path):
     assert_user_error_bench(_bench("report_measurement.py", "--study", "nope", "--runs",
                                    tmp_path / "runs"), "report_measurement.py", "no study")
 
+    # the search's measured check on that study, repeated both ways (`measured_check.py`)
+    proc = _bench("measured_check.py", "--study", r["study"], "--runs", tmp_path / "runs",
+                  "--repeats", "2", "--seconds", "0.5", "--top", "2", "--plot",
+                  tmp_path / "mc.png")
+    assert proc.returncode == 0, proc.stderr
+    mc = json.loads(proc.stdout)
+    picks = {w: [p for p in mc["picks"] if p["way"] == w] for w in ("watched", "once")}
+    assert all(len(ps) == 2 for ps in picks.values()) and mc["measurements"] >= 4
+    assert all(p["seconds"] >= 0.5 for p in picks["watched"])  # the first candidate's watch
+    assert 0 < mc["quiet_share"] <= 1 and mc["quickest_reference_ms"] > 0
+    for way, ps in picks.items():  # the summary counts its picks
+        s = mc["summary"][way]
+        assert s["passed_over"] == sum(p["passed_over_true_winner"] for p in ps)
+        assert s["let_through"] == sum(p["let_through"] for p in ps)
+    assert "| watched (--verify-seconds 0.5) |" in _table(proc.stderr)
+    assert _is_png(tmp_path / "mc.png")
+    assert_user_error_bench(_bench("measured_check.py", "--study", "nope", "--runs",
+                                   tmp_path / "runs"), "measured_check.py", "no study")
+
 
 def assert_user_error_bench(proc, script, needle):
     """As `assert_user_error`, for a bench script's own prefix."""
