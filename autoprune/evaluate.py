@@ -326,7 +326,7 @@ def watched_measurer(measure, *, seconds: float = VERIFY_SECONDS, on_measured=No
     once, as `budget_measurer` does. The record adds ``measurements`` and ``quiet``;
     ``on_measured(policy, record)`` hears each policy's."""
     start: list[float] = []
-    refs: list[float] = []
+    quickest: list[float] = []  # the quickest reference so far (none: no reference yet)
 
     def judged(policy: Policy) -> dict:
         t0 = time.perf_counter()
@@ -335,8 +335,8 @@ def watched_measurer(measure, *, seconds: float = VERIFY_SECONDS, on_measured=No
         while True:
             recs.append(measure(policy))
             if "reference_ms" in recs[-1]:
-                refs.append(recs[-1]["reference_ms"])
-            quietest = min(refs, default=None)
+                quickest[:] = [min([*quickest, recs[-1]["reference_ms"]])]
+            quietest = quickest[0] if quickest else None
             calm = [r for r in recs if _quiet(r, quietest)]
             now = time.perf_counter()
             if now - start[0] >= seconds and (calm or now - t0 >= seconds):
