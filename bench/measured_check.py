@@ -55,6 +55,9 @@ def main() -> int:
     from autoprune.evaluate import (
         BUDGET_CHECK_QUIET,
         VERIFY_SECONDS,
+        _over,
+        _quiet,
+        _quietest_reference,
         budget_measurer,
         first_measured_fit,
         policy_key,
@@ -112,11 +115,11 @@ def main() -> int:
                 print(f"repeat {i} {way}: winner #{rank.get(k)} in {picks[-1]['seconds']:.1f} s "
                       f"({len(known)} candidates measured)", file=sys.stderr, flush=True)
 
-    quickest = min(r["reference_ms"] for _, r in raw)
-    calm = [(k, r) for k, r in raw if r["reference_ms"] <= quickest * (1 + BUDGET_CHECK_QUIET)]
+    quickest = _quietest_reference([[r for _, r in raw]])
+    calm = [(k, r) for k, r in raw if _quiet(r, quickest)]
     truth: dict[str, float] = {}
-    for k, r in calm:
-        truth[k] = min(truth.get(k, float("inf")), r["median_ms"] / (fraction * quickest))
+    for k, r in calm:  # over the budget as a fraction of the run's quickest reference
+        truth[k] = min(truth.get(k, float("inf")), _over(r, quickest))
     true_rank = next((rank[policy_key(c.policy)] for c in order
                       if truth.get(policy_key(c.policy), float("inf")) <= 1 + a.tolerance), None)
     for p in picks:
