@@ -371,8 +371,8 @@ def test_each_searcher_finds_a_feasible_policy(setup, tmp_path, monkeypatch, nam
         torch.set_num_threads(1)
     # evaluations run on the caller's threads (amc's agent acts on one), and it gets them back
     assert set(threads) == {2} and after == 2
-    if name == "amc":
-        assert update_threads and set(update_threads) == {2}
+    if name == "amc":  # the first update on the caller's threads, then alternating with one
+        assert update_threads[:4] == [2, 1, 2, 1][:len(update_threads)]
     if name == "uniform":  # its best and the fallbacks the space has room for, at most 2
         from autoprune.search.baselines import uniform_ladder
 
@@ -866,6 +866,57 @@ def test_amc_actor_penalty_keeps_it_off_the_tanh_wall(setup):
     # the gradient tanh passes back: here ~0.07 held (just past the bound of 2) against
     # ~0.001 free, and falling as it trains on
     assert 1 - np.tanh(held) ** 2 > 20 * (1 - np.tanh(free) ** 2)
+
+
+def test_amc_update_keeps_the_thread_count_its_first_updates_ran_quicker_on(setup):
+    """The agent's first updates alternate between the caller's threads and one, timed; then
+    it keeps the thread count with the quicker median gradient step. Both counts train the
+    networks alike; with one thread given there is nothing to choose."""
+    from stable_baselines3.common.logger import Logger
+
+    from autoprune.search.amc import UPDATE_TRIALS
+
+    _, space, pred, budget, ev = setup
+    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0)
+    rng = np.random.default_rng(0)
+    rows = [(rng.uniform(0, 1, (1, 10)).astype(np.float32),
+             rng.uniform(-1, 1, (1, 1)).astype(np.float32),
+             rng.normal(0, 0.1, 1).astype(np.float32)) for _ in range(300)]
+    agents, ran = [], {}
+    for given in (2, 1, 1):
+        agent = searcher.make_agent(searcher.make_env(lambda p, ep: ev.evaluate(p)))
+        agent.set_logger(Logger(folder=None, output_formats=[]))
+        for obs, act, reward in rows:
+            agent.replay_buffer.add(obs, obs, act, reward, np.array([True]), [{}])
+        agent.update_threads = given
+        inner = agent._train
+
+        def _train(*args, agent=agent, inner=inner):
+            ran.setdefault(id(agent), []).append(torch.get_num_threads())
+            return inner(*args)
+
+        agent._train = _train
+        agents.append(agent)
+    chooser, single, fixed = agents
+    fixed.update_threads_used = 2  # set: no choosing
+    n = 2 * UPDATE_TRIALS + 3
+    for agent in agents:
+        np.random.seed(0)  # the replay buffer samples from numpy's global generator
+        for _ in range(n):
+            agent.train(len(space), 64)
+        assert agent.update_s > 0
+    medians = {k: float(np.median(v)) for k, v in chooser._update_secs.items()}
+    assert sorted(medians) == [1, 2]
+    assert all(len(v) == UPDATE_TRIALS for v in chooser._update_secs.values())
+    assert chooser.update_threads_used == min(medians, key=medians.__getitem__)
+    assert ran[id(chooser)] == [2, 1] * UPDATE_TRIALS + [chooser.update_threads_used] * 3
+    assert ran[id(single)] == [1] * n and single.update_threads_used == 1
+    assert ran[id(fixed)] == [2] * n and fixed._update_secs == {}
+    assert torch.get_num_threads() == 1  # the agent acts on one: `train` gives it back
+    for net in ("actor", "critic"):  # the same updates, whichever threads ran them
+        for p, q, r in zip(*(getattr(a, net).parameters() for a in agents), strict=True):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(p, r, rtol=1e-5, atol=1e-7)
 
 
 def test_amc_hand_written_update_matches_autograd(setup):

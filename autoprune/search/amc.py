@@ -77,6 +77,7 @@ import logging
 import math
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -102,6 +103,8 @@ KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 # the actor's pre-tanh activation is penalised beyond +-ACTOR_BOUND (tanh 0.964, where tanh
 # still passes 7% of the gradient), with weight ACTOR_REG (see the module's docstring)
 ACTOR_BOUND, ACTOR_REG = 2.0, 1.0
+# updates timed on each thread count before the agent keeps the quicker (AMCDDPG.train)
+UPDATE_TRIALS = 4
 
 
 def _group_features(space, predictor) -> np.ndarray:
@@ -468,7 +471,12 @@ def make_agent_class():
 
         def _init_hooks(self) -> None:
             self._episode: list[tuple] = []
-            self.update_threads = 1  # torch threads for `train` (the caller's `--threads`)
+            self.update_threads = 1  # the most torch threads `train` uses (`--threads`)
+            # the threads `train` runs on: None until timing the first updates chose it (see
+            # `_update_threads_now`); set it to fix them
+            self.update_threads_used: int | None = None
+            self._update_secs: dict[int, list[float]] = {}  # seconds a gradient step, by threads
+            self.update_s = 0.0  # seconds spent in `train` by this process
             self.on_episode = lambda info: None  # progress: called with the episode's info
             self.on_checkpoint = lambda: None  # called where a checkpoint is consistent
             self.should_stop = lambda: False  # checked before every episode
@@ -562,15 +570,48 @@ def make_agent_class():
             the tests) and both optimisers are fused Adam called without the optimiser's
             per-call bookkeeping: 0.65x the time of the autograd update with fused Adam on 2
             threads, 0.72x on one (``bench/amc_update.py``, in bench/README.md).
-            It runs on ``update_threads`` (the evaluations' threads, which are idle meanwhile),
-            the rest of the agent on one."""
+            It runs on one thread or on ``update_threads`` (the evaluations' threads, which are
+            idle meanwhile), whichever its first updates ran faster on (`_update_threads_now`);
+            the rest of the agent runs on one."""
             threads = torch.get_num_threads()
-            torch.set_num_threads(self.update_threads)
+            use = self._update_threads_now()
+            t0 = time.perf_counter()
+            torch.set_num_threads(use)
             try:
                 self._train(gradient_steps, batch_size)
             finally:
                 torch.set_num_threads(threads)
+            seconds = time.perf_counter() - t0
+            self.update_s += seconds
+            if self.update_threads_used is None and gradient_steps > 0:
+                self._update_secs.setdefault(use, []).append(seconds / gradient_steps)
             self.on_checkpoint()  # after the update that follows every episode
+
+        def _update_threads_now(self) -> int:
+            """The threads for this update. The first 2 x UPDATE_TRIALS updates alternate
+            between ``update_threads`` and one thread, timed; then the one with the quicker
+            median gradient step is kept. Which is quicker depends on the CPU: on a 2-core
+            AMD EPYC family 26 the 300x300 update ran 0.8x as long on 2 threads as on one, on
+            a family-25 one 1.36x as long (``bench/amc_update.py``; per-op synchronisation
+            outweighs the split of such small products). The thread count does not change
+            the update's result (the same weights, bit for bit, on 1 and 2 threads here), only
+            its time."""
+            if self.update_threads_used is not None:
+                return self.update_threads_used
+            if self.update_threads <= 1:
+                self.update_threads_used = 1
+                return 1
+            choices = (self.update_threads, 1)
+            done = [len(self._update_secs.get(n, ())) for n in choices]
+            if min(done) < UPDATE_TRIALS:
+                return choices[done.index(min(done))]
+            speed = {n: float(np.median(self._update_secs[n])) for n in choices}
+            self.update_threads_used = min(choices, key=speed.__getitem__)
+            log.info("amc: the update runs on %d thread(s): %.2f ms a gradient step, "
+                     "against %.2f ms on %d", self.update_threads_used,
+                     speed[self.update_threads_used] * 1e3,
+                     max(speed.values()) * 1e3, max(choices, key=speed.__getitem__))
+            return self.update_threads_used
 
         def _hand_grads(self) -> tuple:
             nets = getattr(self, "_hand", None)
@@ -669,12 +710,15 @@ def make_agent_class():
             # hooks are closures over the running study; RNG and counters go in state.json
             # and the threads are the resuming caller's choice
             return [*super()._excluded_save_params(), "on_episode", "on_checkpoint",
-                    "should_stop", "rng", "_episode", "update_threads", "_hand"]
+                    "should_stop", "rng", "_episode", "update_threads", "_hand",
+                    "update_threads_used", "_update_secs", "update_s"]
 
         def amc_state(self) -> dict:
             return {"sigma_scaled": self.sigma_scaled, "baseline": self.baseline,
                     "episodes_done": self.episodes_done, "candidates_new": self.candidates_new,
                     "episodes_moved": getattr(self, "episodes_moved", 0),
+                    # for the record only (a resumed agent times its own updates again)
+                    "update_threads": self.update_threads_used, "update_s": self.update_s,
                     "rng": self.rng.bit_generator.state,
                     "np_global": np.random.get_state(),
                     "torch": torch.get_rng_state().numpy().tolist()}
