@@ -9,7 +9,7 @@ The agent is the searcher's own (``make_agent_class``), its replay buffer filled
 episodes with random transitions (the update's cost does not depend on their values). Between
 updates the agent acts on one thread, as in a search; the "2 threads" figures include switching
 the thread count in and out of each update, as ``AMCDDPG.train`` does. Each setting's thread
-count is fixed here; a search times its first updates on both and keeps the quicker
+count is fixed here; a search times its updates on both and runs on the quicker
 (``AMCDDPG._update_threads_now``), since which one that is depends on the CPU. The four settings
 alternate round by round; the JSON gives the median and IQR of the round medians, and the
 median of the per-round ratios hand-written / autograd.
@@ -79,7 +79,7 @@ def main() -> int:
             agent._train = agent._train_autograd if impl == "autograd" else \
                 hand_train.__get__(agent)
             torch.set_num_threads(1)
-            agent.update_threads = agent.update_threads_used = threads  # fixed, not chosen
+            agent.update_threads = agent.update_threads_fixed = threads  # fixed, not chosen
             agent.train(T, 64)  # warm-up
             ts = []
             for _ in range(args.episodes):

@@ -240,14 +240,14 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
             progress.advance(max(0, trials - len(found)))
         # amc: episodes run (some repeated a policy: served from the cache, or moved to a new
         # neighbour, ``moved``, with ``--amc-repeats move``)
-        # and the seconds its updates took, on the threads it chose for them
-        episodes = moved = update_threads = update_s = None
+        # and its updates: how many ran on each thread count, and their seconds
+        episodes = moved = update_counts = update_s = None
         latest = Path(tmp) / "amc" / "latest.json"
         if latest.is_file():
             ckpt = Path(tmp) / "amc" / json.loads(latest.read_text())["dir"]
             state = json.loads((ckpt / "state.json").read_text())
             episodes, moved = state["episodes_done"], state.get("episodes_moved")
-            update_threads, update_s = state.get("update_threads"), state.get("update_s")
+            update_counts, update_s = state.get("update_counts"), state.get("update_s")
     cands = list(ev.cache.values())
     eval_s = [c.eval_s for c in cands]
     # each the quickest of three passes (one pass can catch a spike of this shared machine:
@@ -272,7 +272,7 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
     return {"budget": budget_f, "searcher": name, "seed": seed, "options": options,
             "budget_check": check, "searched_budget_ms": budget_ms,
             "evaluated": len(cands), "episodes": episodes, "episodes_moved": moved,
-            "update_threads": update_threads, "update_s": update_s,
+            "update_counts": update_counts, "update_s": update_s,
             "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,
             "best_predicted_val_acc": predicted_best.val_acc,
             "verify_measured": len(known), "verify_s": verify_s,

@@ -868,13 +868,14 @@ def test_amc_actor_penalty_keeps_it_off_the_tanh_wall(setup):
     assert 1 - np.tanh(held) ** 2 > 20 * (1 - np.tanh(free) ** 2)
 
 
-def test_amc_update_keeps_the_thread_count_its_first_updates_ran_quicker_on(setup):
+def test_amc_update_runs_on_the_thread_count_its_recent_updates_ran_quicker_on(setup):
     """The agent's first updates alternate between the caller's threads and one, timed; then
-    it keeps the thread count with the quicker median gradient step. Both counts train the
-    networks alike; with one thread given there is nothing to choose."""
+    each runs on the count whose last few gradient steps were the quicker, except every
+    RECHECK_EVERY-th, which times the other again. Both counts train the networks alike; with
+    one thread given, or a count fixed, there is nothing to choose."""
     from stable_baselines3.common.logger import Logger
 
-    from autoprune.search.amc import UPDATE_TRIALS
+    from autoprune.search.amc import RECHECK_EVERY, UPDATE_TRIALS
 
     _, space, pred, budget, ev = setup
     searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0)
@@ -898,20 +899,24 @@ def test_amc_update_keeps_the_thread_count_its_first_updates_ran_quicker_on(setu
         agent._train = _train
         agents.append(agent)
     chooser, single, fixed = agents
-    fixed.update_threads_used = 2  # set: no choosing
-    n = 2 * UPDATE_TRIALS + 3
+    fixed.update_threads_fixed = 2
+    n = 2 * UPDATE_TRIALS + RECHECK_EVERY + 3
+    quick = []  # before each update: the count with the quicker recent median
     for agent in agents:
         np.random.seed(0)  # the replay buffer samples from numpy's global generator
         for _ in range(n):
+            if agent is chooser and len(chooser._update_secs.get(1, ())) == UPDATE_TRIALS:
+                medians = {k: float(np.median(v)) for k, v in chooser._update_secs.items()}
+                quick.append(min((2, 1), key=medians.__getitem__))
             agent.train(len(space), 64)
-        assert agent.update_s > 0
-    medians = {k: float(np.median(v)) for k, v in chooser._update_secs.items()}
-    assert sorted(medians) == [1, 2]
+        assert agent.update_s > 0 and sum(agent.update_counts.values()) == n
+    runs = ran[id(chooser)]
+    assert runs[:2 * UPDATE_TRIALS] == [2, 1] * UPDATE_TRIALS
+    for i, q in enumerate(quick, start=2 * UPDATE_TRIALS):
+        assert runs[i] == (3 - q if i % RECHECK_EVERY == RECHECK_EVERY - 1 else q), i
     assert all(len(v) == UPDATE_TRIALS for v in chooser._update_secs.values())
-    assert chooser.update_threads_used == min(medians, key=medians.__getitem__)
-    assert ran[id(chooser)] == [2, 1] * UPDATE_TRIALS + [chooser.update_threads_used] * 3
-    assert ran[id(single)] == [1] * n and single.update_threads_used == 1
-    assert ran[id(fixed)] == [2] * n and fixed._update_secs == {}
+    assert ran[id(single)] == [1] * n and single.update_counts == {1: n}
+    assert ran[id(fixed)] == [2] * n and fixed.update_counts == {2: n}
     assert torch.get_num_threads() == 1  # the agent acts on one: `train` gives it back
     for net in ("actor", "critic"):  # the same updates, whichever threads ran them
         for p, q, r in zip(*(getattr(a, net).parameters() for a in agents), strict=True):

@@ -103,8 +103,9 @@ KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 # the actor's pre-tanh activation is penalised beyond +-ACTOR_BOUND (tanh 0.964, where tanh
 # still passes 7% of the gradient), with weight ACTOR_REG (see the module's docstring)
 ACTOR_BOUND, ACTOR_REG = 2.0, 1.0
-# updates timed on each thread count before the agent keeps the quicker (AMCDDPG.train)
-UPDATE_TRIALS = 4
+# the agent's update runs on the thread count whose last UPDATE_TRIALS timed updates were the
+# quicker; every RECHECK_EVERY-th update runs on the other one, to see whether that changed
+UPDATE_TRIALS, RECHECK_EVERY = 4, 10
 
 
 def _group_features(space, predictor) -> np.ndarray:
@@ -472,11 +473,11 @@ def make_agent_class():
         def _init_hooks(self) -> None:
             self._episode: list[tuple] = []
             self.update_threads = 1  # the most torch threads `train` uses (`--threads`)
-            # the threads `train` runs on: None until timing the first updates chose it (see
-            # `_update_threads_now`); set it to fix them
-            self.update_threads_used: int | None = None
+            # None: `train` picks its threads by timing (`_update_threads_now`); set: fixed
+            self.update_threads_fixed: int | None = None
             self._update_secs: dict[int, list[float]] = {}  # seconds a gradient step, by threads
-            self.update_s = 0.0  # seconds spent in `train` by this process
+            self.update_counts: dict[int, int] = {}  # updates run, by threads (this process)
+            self.update_s = 0.0  # seconds spent in `train` (this process)
             self.on_episode = lambda info: None  # progress: called with the episode's info
             self.on_checkpoint = lambda: None  # called where a checkpoint is consistent
             self.should_stop = lambda: False  # checked before every episode
@@ -583,35 +584,37 @@ def make_agent_class():
                 torch.set_num_threads(threads)
             seconds = time.perf_counter() - t0
             self.update_s += seconds
-            if self.update_threads_used is None and gradient_steps > 0:
-                self._update_secs.setdefault(use, []).append(seconds / gradient_steps)
+            self.update_counts[use] = self.update_counts.get(use, 0) + 1
+            if gradient_steps > 0:
+                times = self._update_secs.setdefault(use, [])
+                times.append(seconds / gradient_steps)
+                del times[:-UPDATE_TRIALS]
             self.on_checkpoint()  # after the update that follows every episode
 
         def _update_threads_now(self) -> int:
-            """The threads for this update. The first 2 x UPDATE_TRIALS updates alternate
-            between ``update_threads`` and one thread, timed; then the one with the quicker
-            median gradient step is kept. Which is quicker depends on the CPU: on a 2-core
-            AMD EPYC family 26 the 300x300 update ran 0.8x as long on 2 threads as on one, on
-            a family-25 one 1.36x as long (``bench/amc_update.py``; per-op synchronisation
-            outweighs the split of such small products). The thread count does not change
-            the update's result (the same weights, bit for bit, on 1 and 2 threads here), only
-            its time."""
-            if self.update_threads_used is not None:
-                return self.update_threads_used
+            """The threads for this update: ``update_threads`` or one, whichever ran the
+            quicker median gradient step over its last UPDATE_TRIALS updates. The first
+            updates alternate until both have that many; then every RECHECK_EVERY-th update
+            runs on the other count, so that a change of the machine's state is seen. Which is
+            quicker depends on the CPU and on what else runs on it: on a 2-core AMD EPYC
+            family 26 the 300x300 update ran 0.8x as long on 2 threads as on one; on a
+            family-25 one 1.36x as long in ``bench/amc_update.py``, and inside a search
+            sometimes 0.76x, sometimes 1.29x (1.34 or 2.28 ms a gradient step against 1.77 on
+            one thread). The thread count does not change the update's result (the same
+            weights, bit for bit, on 1 and 2 threads here), only its time."""
+            if self.update_threads_fixed is not None:
+                return self.update_threads_fixed
             if self.update_threads <= 1:
-                self.update_threads_used = 1
                 return 1
             choices = (self.update_threads, 1)
             done = [len(self._update_secs.get(n, ())) for n in choices]
             if min(done) < UPDATE_TRIALS:
                 return choices[done.index(min(done))]
             speed = {n: float(np.median(self._update_secs[n])) for n in choices}
-            self.update_threads_used = min(choices, key=speed.__getitem__)
-            log.info("amc: the update runs on %d thread(s): %.2f ms a gradient step, "
-                     "against %.2f ms on %d", self.update_threads_used,
-                     speed[self.update_threads_used] * 1e3,
-                     max(speed.values()) * 1e3, max(choices, key=speed.__getitem__))
-            return self.update_threads_used
+            quick = min(choices, key=speed.__getitem__)
+            if sum(self.update_counts.values()) % RECHECK_EVERY == RECHECK_EVERY - 1:
+                return choices[1 - choices.index(quick)]
+            return quick
 
         def _hand_grads(self) -> tuple:
             nets = getattr(self, "_hand", None)
@@ -711,14 +714,15 @@ def make_agent_class():
             # and the threads are the resuming caller's choice
             return [*super()._excluded_save_params(), "on_episode", "on_checkpoint",
                     "should_stop", "rng", "_episode", "update_threads", "_hand",
-                    "update_threads_used", "_update_secs", "update_s"]
+                    "update_threads_fixed", "_update_secs", "update_counts", "update_s"]
 
         def amc_state(self) -> dict:
             return {"sigma_scaled": self.sigma_scaled, "baseline": self.baseline,
                     "episodes_done": self.episodes_done, "candidates_new": self.candidates_new,
                     "episodes_moved": getattr(self, "episodes_moved", 0),
                     # for the record only (a resumed agent times its own updates again)
-                    "update_threads": self.update_threads_used, "update_s": self.update_s,
+                    "update_counts": {str(k): v for k, v in sorted(self.update_counts.items())},
+                    "update_s": self.update_s,
                     "rng": self.rng.bit_generator.state,
                     "np_global": np.random.get_state(),
                     "torch": torch.get_rng_state().numpy().tolist()}
