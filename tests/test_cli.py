@@ -102,6 +102,23 @@ def test_bad_arguments_get_one_line():
                       "invalid choice: 'sometimes'")
 
 
+def test_search_defaults_are_the_library_defaults_they_stand_for():
+    """The parser spells some defaults out (it does not import the torch-heavy modules that
+    define them): they must not drift from those."""
+    import inspect
+
+    from autoprune.cli import build_parser
+    from autoprune.evaluate import VERIFY_SECONDS
+    from autoprune.search.amc import AMCSearcher
+
+    args = build_parser().parse_args(["search", "--target-device", "cpu-ort",
+                                      "--latency-budget", "0.5"])
+    assert args.verify_seconds == VERIFY_SECONDS
+    amc = inspect.signature(AMCSearcher).parameters
+    assert (args.warmup_episodes, args.amc_action, args.amc_repeats) == \
+        (amc["warmup_episodes"].default, amc["action"].default, amc["repeats"].default)
+
+
 def test_an_unreachable_storage_is_refused_before_the_study_is_made(tmp_path):
     """`--storage` is connected to first: a server that refuses, a SQLite file whose folder is
     missing or a driver that is not installed gets one line (a password in the URL is not
