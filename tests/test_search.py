@@ -868,14 +868,10 @@ def test_amc_actor_penalty_keeps_it_off_the_tanh_wall(setup):
     assert 1 - np.tanh(held) ** 2 > 20 * (1 - np.tanh(free) ** 2)
 
 
-def test_amc_update_runs_on_the_thread_count_its_recent_updates_ran_quicker_on(setup):
-    """The agent's first updates alternate between the caller's threads and one, timed; then
-    each runs on the count whose last few gradient steps were the quicker, except every
-    RECHECK_EVERY-th, which times the other again. Both counts train the networks alike; with
-    one thread given, or a count fixed, there is nothing to choose."""
+def _agents_on_one_buffer(setup, n: int) -> list:
+    """``n`` fresh amc agents (the searcher's settings) whose replay buffers hold the same 300
+    random terminal transitions, silent loggers: for comparing updates."""
     from stable_baselines3.common.logger import Logger
-
-    from autoprune.search.amc import RECHECK_EVERY, UPDATE_TRIALS
 
     _, space, pred, budget, ev = setup
     searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0)
@@ -883,12 +879,26 @@ def test_amc_update_runs_on_the_thread_count_its_recent_updates_ran_quicker_on(s
     rows = [(rng.uniform(0, 1, (1, 10)).astype(np.float32),
              rng.uniform(-1, 1, (1, 1)).astype(np.float32),
              rng.normal(0, 0.1, 1).astype(np.float32)) for _ in range(300)]
-    agents, ran = [], {}
-    for given in (2, 1, 1):
+    agents = []
+    for _ in range(n):
         agent = searcher.make_agent(searcher.make_env(lambda p, ep: ev.evaluate(p)))
         agent.set_logger(Logger(folder=None, output_formats=[]))
         for obs, act, reward in rows:
             agent.replay_buffer.add(obs, obs, act, reward, np.array([True]), [{}])
+        agents.append(agent)
+    return agents
+
+
+def test_amc_update_runs_on_the_thread_count_its_recent_updates_ran_quicker_on(setup):
+    """The agent's first updates alternate between the caller's threads and one, timed; then
+    each runs on the count whose last few gradient steps were the quicker, except every
+    RECHECK_EVERY-th, which times the other again. Both counts train the networks alike; with
+    one thread given, or a count fixed, there is nothing to choose."""
+    from autoprune.search.amc import RECHECK_EVERY, UPDATE_TRIALS
+
+    space = setup[1]
+    agents, ran = _agents_on_one_buffer(setup, 3), {}
+    for agent, given in zip(agents, (2, 1, 1), strict=True):
         agent.update_threads = given
         inner = agent._train
 
@@ -897,7 +907,6 @@ def test_amc_update_runs_on_the_thread_count_its_recent_updates_ran_quicker_on(s
             return inner(*args)
 
         agent._train = _train
-        agents.append(agent)
     chooser, single, fixed = agents
     fixed.update_threads_fixed = 2
     n = 2 * UPDATE_TRIALS + RECHECK_EVERY + 3
@@ -928,29 +937,17 @@ def test_amc_hand_written_update_matches_autograd(setup):
     """The update amc runs (gradients written out, `FusedAdam` on them) moves both networks
     and both optimisers' state exactly as the same losses through autograd and torch's own
     fused Adam (`Optimizer.step`) do, the actor's penalty included."""
-    from stable_baselines3.common.logger import Logger
-
     from autoprune.search.amc import ACTOR_BOUND
 
-    _, space, pred, budget, ev = setup
-    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0)
-    rng = np.random.default_rng(0)
-    rows = [(rng.uniform(0, 1, (1, 10)).astype(np.float32),
-             rng.uniform(-1, 1, (1, 1)).astype(np.float32),
-             rng.normal(0, 0.1, 1).astype(np.float32)) for _ in range(300)]
-    agents = []
-    for _ in range(2):
-        agent = searcher.make_agent(searcher.make_env(lambda p, ep: ev.evaluate(p)))
-        agent.set_logger(Logger(folder=None, output_formats=[]))
-        for obs, act, reward in rows:
-            agent.replay_buffer.add(obs, obs, act, reward, np.array([True]), [{}])
+    space = setup[1]
+    agents = _agents_on_one_buffer(setup, 2)
+    for agent in agents:
         with torch.no_grad():  # so that some pre-tanh activations are past the bound
             agent.actor.mu[-2].weight.mul_(40.0)
-        agents.append(agent)
     hand, reference = agents
     for net, lr in ((reference.actor, 1e-4), (reference.critic, 1e-3)):  # torch's, not ours
         net.optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
-    obs = torch.as_tensor(np.concatenate([r[0] for r in rows]))
+    obs = torch.as_tensor(hand.replay_buffer.observations[:300, 0])
     with torch.no_grad():
         pre = hand.actor.mu[:-1](obs)
     assert (pre.abs() > ACTOR_BOUND).any() and (pre.abs() < ACTOR_BOUND).any()
