@@ -103,6 +103,8 @@ KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 # the actor's pre-tanh activation is penalised beyond +-ACTOR_BOUND (tanh 0.964, where tanh
 # still passes 7% of the gradient), with weight ACTOR_REG (see the module's docstring)
 ACTOR_BOUND, ACTOR_REG = 2.0, 1.0
+# gradient steps after each episode, per group (AMC: 1, one per stored transition)
+UPDATE_RATIO = 1.0
 # the agent's update runs on the thread count whose last UPDATE_TRIALS timed updates were the
 # quicker; every RECHECK_EVERY-th update runs on the other one, to see whether that changed
 UPDATE_TRIALS, RECHECK_EVERY = 4, 10
@@ -627,7 +629,8 @@ def make_agent_class():
             return nets
 
         def _train(self, gradient_steps: int, batch_size: int) -> None:
-            """One gradient step per stored transition (AMC). The critic regresses the reward
+            """``gradient_steps`` steps (AMC: one per stored transition; see
+            `AMCSearcher.gradient_steps`). The critic regresses the reward
             (mean square error); then the actor ascends the updated critic's value of its own
             action, plus ``actor_reg`` times the mean square of its pre-tanh activation beyond
             +-ACTOR_BOUND. Same losses, order and result as `_train_autograd`."""
@@ -744,6 +747,15 @@ def make_agent_class():
     return AMCDDPG
 
 
+def check_update_ratio(value: float) -> float:
+    """``--amc-update-ratio``: gradient steps an episode per group, in (0, 4] (NaN refused),
+    or a `UserError` that says so."""
+    if not 0 < value <= 4:
+        raise UserError(f"`--amc-update-ratio` must be in (0, 4] (1: AMC's one gradient step "
+                        f"per group), got {value}")
+    return float(value)
+
+
 def check_actor_reg(value: float) -> float:
     """``--amc-actor-reg``: a weight >= 0 (NaN refused), or a `UserError` that says so."""
     if not value >= 0:
@@ -768,13 +780,15 @@ class AMCSearcher(Searcher):
 
     def __init__(self, space, predictor, budget_ms, *, seed: int = 0, reward: str = "acc",
                  warmup_episodes: int = 10, action: str = "share", actor_reg: float = ACTOR_REG,
-                 repeats: str = "move", checkpoint_every: int = 20):
+                 repeats: str = "move", checkpoint_every: int = 20,
+                 update_ratio: float = UPDATE_RATIO):
         super().__init__(space, predictor, budget_ms, seed=seed)
         if repeats not in REPEATS:
             raise ValueError(f"repeats must be one of {REPEATS}, got {repeats!r}")
         self.reward, self.warmup_episodes, self.action = reward, warmup_episodes, action
         self.actor_reg = check_actor_reg(actor_reg)
         self.repeats, self.checkpoint_every = repeats, checkpoint_every
+        self.update_ratio = check_update_ratio(update_ratio)
 
     def options(self) -> dict:
         out = {"reward": self.reward, "warmup_episodes": self.warmup_episodes,
@@ -783,7 +797,14 @@ class AMCSearcher(Searcher):
             out["actor_reg"] = self.actor_reg
         if self.repeats != "replay":  # absent from studies made before moves existed
             out["repeats"] = self.repeats
+        if self.update_ratio != 1.0:  # absent: AMC's one step per group, as studies before
+            out["update_ratio"] = self.update_ratio
         return out
+
+    def gradient_steps(self) -> int:
+        """Gradient steps after each episode: ``update_ratio`` x the groups (AMC: one per
+        group, i.e. per stored transition), at least one."""
+        return max(1, round(self.update_ratio * len(self.space)))
 
     def make_env(self, evaluate, known=None):
         """The env; ``known`` (the study's: whether a policy was evaluated) moves repeated
@@ -798,7 +819,7 @@ class AMCSearcher(Searcher):
         return make_agent_class()(
             "MlpPolicy", env, learning_rate=1e-4, critic_lr=1e-3, buffer_size=100 * T,
             learning_starts=self.warmup_episodes * T, batch_size=64, tau=0.01, gamma=1.0,
-            train_freq=(1, "episode"), gradient_steps=-1,
+            train_freq=(1, "episode"), gradient_steps=self.gradient_steps(),
             policy_kwargs=policy_kwargs(),
             sigma=0.5, sigma_decay=0.95, sigma_min=0.1, warmup_episodes=self.warmup_episodes,
             actor_reg=self.actor_reg,
