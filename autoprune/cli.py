@@ -679,6 +679,10 @@ def cmd_search(args) -> int:
         from .search.amc import check_actor_reg
 
         check_actor_reg(args.amc_actor_reg)
+    if args.amc_update_ratio is not None:
+        from .search.amc import check_update_ratio
+
+        check_update_ratio(args.amc_update_ratio)
     if args.storage and args.storage.split(":", 1)[0].split("+")[0] not in (
             "sqlite", "postgresql", "mysql"):
         from .search.evolution import redacted
@@ -722,9 +726,12 @@ def cmd_search(args) -> int:
             options = {"population": args.population, "sampler": args.sampler}
         elif args.searcher == "amc":
             options = {"reward": args.reward, "warmup_episodes": args.warmup_episodes,
-                       "action": args.amc_action, "repeats": args.amc_repeats}
+                       "action": args.amc_action, "repeats": args.amc_repeats,
+                       "warmup_policies": args.amc_warmup_policies}
             if args.amc_actor_reg is not None:
                 options["actor_reg"] = args.amc_actor_reg
+            if args.amc_update_ratio is not None:
+                options["update_ratio"] = args.amc_update_ratio
         searcher = SEARCHERS[args.searcher]()(space, predictor, budget_ms, seed=args.seed,
                                              **options)
         # uniform: its best and the fallbacks the measured check may need (not --trials)
@@ -1458,6 +1465,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="amc: weight of the penalty on the actor's pre-tanh activation beyond "
                    "+-2, which keeps it from saturating (default 1; 0: off, as in studies made "
                    "before it)")
+    p.add_argument("--amc-warmup-policies", choices=("seeds", "random"), default="seeds",
+                   help="amc: the first episodes evaluate evolution's seeds (the uniform policy, "
+                   "then one per group with that group kept whole) in place of the policies "
+                   "they build, and the agent learns from those (default); random: the random "
+                   "warm-up alone (AMC, and studies made before seeds)")
+    p.add_argument("--amc-update-ratio", type=float, metavar="R",
+                   help="amc: gradient steps after each episode, per group (default: the "
+                   "searcher's, see `autoprune.search.amc`; 1: AMC's one per group)")
     p.add_argument("--amc-repeats", choices=("move", "replay"), default="move",
                    help="amc: an episode that builds a policy an earlier one evaluated "
                    "evaluates a feasible neighbour not yet evaluated, and the agent learns from "

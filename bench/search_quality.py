@@ -95,6 +95,9 @@ def main() -> int:
     ap.add_argument("--amc-repeats", choices=["move", "replay"],
                     help="amc's episodes that repeat a policy: evaluate a new neighbour, or "
                     "serve it from the cache as AMC does (default: the searcher's)")
+    ap.add_argument("--amc-warmup-policies", choices=["seeds", "random"],
+                    help="amc's first episodes: evolution's seeds, or random (default: the "
+                    "searcher's)")
     ap.add_argument("--amc-update-ratio", type=float,
                     help="amc's gradient steps after each episode, per group (default: the "
                     "searcher's)")
@@ -157,7 +160,8 @@ def main() -> int:
                             options.update({k: v for k, v in (
                                 ("warmup_episodes", args.amc_warmup), ("action", args.amc_action),
                                 ("actor_reg", args.amc_actor_reg), ("repeats", args.amc_repeats),
-                                ("update_ratio", args.amc_update_ratio))
+                                ("update_ratio", args.amc_update_ratio),
+                                ("warmup_policies", args.amc_warmup_policies))
                                 if v is not None})
                         progress.update(run=f"{name} b{budget_f:g} s{seed}")
                         out["runs"].append(_run(name, seed, budget_f, budget_ms, model, data,

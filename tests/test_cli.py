@@ -93,6 +93,9 @@ def test_bad_arguments_get_one_line():
     assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-actor-reg", "-0.1"),
                       "`--amc-actor-reg` must be >= 0")
     assert_user_error(run_cli(*base, "--budget-check", "-2"), "`--budget-check` must be >= 0")
+    for bad in ("0", "-1", "nan", "5"):
+        assert_user_error(run_cli(*base, "--searcher", "amc", "--amc-update-ratio", bad),
+                          "`--amc-update-ratio` must be in (0, 4]")
     for bad in ("-1", "nan", "inf"):
         assert_user_error(run_cli(*base, "--verify-seconds", bad),
                           "`--verify-seconds` must be a finite number >= 0")
@@ -115,8 +118,10 @@ def test_search_defaults_are_the_library_defaults_they_stand_for():
                                       "--latency-budget", "0.5"])
     assert args.verify_seconds == VERIFY_SECONDS
     amc = inspect.signature(AMCSearcher).parameters
-    assert (args.warmup_episodes, args.amc_action, args.amc_repeats) == \
-        (amc["warmup_episodes"].default, amc["action"].default, amc["repeats"].default)
+    assert (args.warmup_episodes, args.amc_action, args.amc_repeats,
+            args.amc_warmup_policies) == \
+        (amc["warmup_episodes"].default, amc["action"].default, amc["repeats"].default,
+         amc["warmup_policies"].default)
 
 
 def test_an_unreachable_storage_is_refused_before_the_study_is_made(tmp_path):

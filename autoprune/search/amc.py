@@ -86,7 +86,7 @@ from gymnasium import spaces
 
 from ..errors import UserError
 from ..policy import Policy
-from .base import BudgetWall, SearchContext, Searcher
+from .base import BudgetWall, SearchContext, Searcher, seed_policies
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ ACTIONS = ("bounds", "wall", "share", "reach")
 # an episode that builds a policy an earlier one evaluated: "move" evaluates a feasible
 # neighbour not yet evaluated and learns from that; "replay" serves it from the cache (AMC)
 REPEATS = ("move", "replay")
+# the first episodes: "seeds" evaluate evolution's seeds in place of the policies they build
+# (the agent learns from those), "random" are the agent's random warm-up alone (AMC)
+WARMUP_POLICIES = ("seeds", "random")
 KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 # the actor's pre-tanh activation is penalised beyond +-ACTOR_BOUND (tanh 0.964, where tanh
 # still passes 7% of the gradient), with weight ACTOR_REG (see the module's docstring)
@@ -141,7 +144,7 @@ class PruningEnv(gym.Env):
     ``-error * log(latency)`` (``"acc-log-latency"``)."""
 
     def __init__(self, space, predictor, budget_ms: float, evaluate, *, reward: str = "acc",
-                 action: str = "share", known=None, seed: int = 0):
+                 action: str = "share", known=None, seed: int = 0, first=()):
         super().__init__()
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
@@ -151,6 +154,9 @@ class PruningEnv(gym.Env):
         # policy an earlier episode had evaluates a feasible neighbour not yet evaluated
         # instead (see `_moved`); None: it is served from the cache (AMC)
         self.known, self.seed = known, seed
+        # episode i < len(first) evaluates first[i] in place of the policy it built, unless
+        # an earlier episode evaluated that one (then the episode goes on as any other)
+        self.first = list(first)
         self.wall = BudgetWall(space, predictor, budget_ms)
         self.static = _group_features(space, predictor)
         costs = predictor.group_costs(space.full())
@@ -209,8 +215,10 @@ class PruningEnv(gym.Env):
         """Whether an earlier episode evaluated ``policy``. Asked of the study's log by the
         candidate's trial (= its episode), so a resumed agent replaying the episodes after its
         checkpoint sees what the original run saw, not the policies those episodes logged."""
-        if not self.known(policy):
+        if self.known is not None and not self.known(policy):
             return False
+        # (without ``known``, asking is an evaluation: of a seed, which the episode would
+        # evaluate anyway)
         return self.evaluate(policy, self.episode).trial < self.episode  # served from the log
 
     def _moved(self, policy: Policy) -> Policy:
@@ -283,7 +291,11 @@ class PruningEnv(gym.Env):
         if done:
             policy = Policy.from_dict(self.partial)
             repeat = self._seen_before(policy) if self.known is not None else None
-            evaluated = self._moved(policy) if repeat else policy
+            seed = self.first[self.episode] if self.episode < len(self.first) else None
+            if seed is not None and not self._seen_before(seed):
+                evaluated = seed  # (see `AMCSearcher.first_policies`)
+            else:
+                evaluated = self._moved(policy) if repeat else policy
             cand = self.evaluate(evaluated, self.episode)
             # "new": first evaluated in this episode (not a policy an earlier episode had);
             # "repeat": the agent's own policy was one an earlier episode had
@@ -291,6 +303,7 @@ class PruningEnv(gym.Env):
             info = {"candidate": cand, "new": new, "repeat": not new if repeat is None else repeat}
             if evaluated != policy:  # what the agent learns from: the policy evaluated
                 info["trace"] = self.trace(evaluated)
+                info["seeded"] = evaluated is seed
             self.episode += 1
             if self.reward_kind == "acc":
                 reward = cand.val_acc
@@ -471,6 +484,7 @@ def make_agent_class():
             self.episodes_done = 0
             self.candidates_new = 0  # episodes whose policy no earlier episode had
             self.episodes_moved = 0  # episodes that repeated a policy and evaluated another
+            self.episodes_seeded = 0  # episodes that evaluated a seed in place of their policy
 
         def _init_hooks(self) -> None:
             self._episode: list[tuple] = []
@@ -541,7 +555,10 @@ def make_agent_class():
             if infos[0].get("trace") is not None:  # the env evaluated another policy (a move)
                 self._episode = [(obs[None], np.array([[2.0 * a - 1.0]], dtype=np.float32))
                                  for obs, a in infos[0]["trace"]]
-                self.episodes_moved = getattr(self, "episodes_moved", 0) + 1
+                if infos[0].get("seeded"):
+                    self.episodes_seeded = getattr(self, "episodes_seeded", 0) + 1
+                else:
+                    self.episodes_moved = getattr(self, "episodes_moved", 0) + 1
             for i, (obs, act) in enumerate(self._episode):
                 nxt = self._episode[i + 1][0] if i + 1 < len(self._episode) else \
                     np.asarray(terminal if terminal is not None else obs)[None]
@@ -723,6 +740,7 @@ def make_agent_class():
             return {"sigma_scaled": self.sigma_scaled, "baseline": self.baseline,
                     "episodes_done": self.episodes_done, "candidates_new": self.candidates_new,
                     "episodes_moved": getattr(self, "episodes_moved", 0),
+                    "episodes_seeded": getattr(self, "episodes_seeded", 0),
                     # for the record only (a resumed agent times its own updates again)
                     "update_counts": {str(k): v for k, v in sorted(self.update_counts.items())},
                     "update_s": self.update_s,
@@ -740,6 +758,7 @@ def make_agent_class():
             self.episodes_done = state["episodes_done"]
             self.candidates_new = state["candidates_new"]
             self.episodes_moved = state.get("episodes_moved", 0)  # absent before moves
+            self.episodes_seeded = state.get("episodes_seeded", 0)  # absent before seeds
             self.rng.bit_generator.state = state["rng"]
             np.random.set_state(state["np_global"])
             torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
@@ -781,7 +800,7 @@ class AMCSearcher(Searcher):
     def __init__(self, space, predictor, budget_ms, *, seed: int = 0, reward: str = "acc",
                  warmup_episodes: int = 10, action: str = "share", actor_reg: float = ACTOR_REG,
                  repeats: str = "move", checkpoint_every: int = 20,
-                 update_ratio: float = UPDATE_RATIO):
+                 update_ratio: float = UPDATE_RATIO, warmup_policies: str = "seeds"):
         super().__init__(space, predictor, budget_ms, seed=seed)
         if repeats not in REPEATS:
             raise ValueError(f"repeats must be one of {REPEATS}, got {repeats!r}")
@@ -789,6 +808,10 @@ class AMCSearcher(Searcher):
         self.actor_reg = check_actor_reg(actor_reg)
         self.repeats, self.checkpoint_every = repeats, checkpoint_every
         self.update_ratio = check_update_ratio(update_ratio)
+        if warmup_policies not in WARMUP_POLICIES:
+            raise ValueError(f"warmup_policies must be one of {WARMUP_POLICIES}, "
+                             f"got {warmup_policies!r}")
+        self.warmup_policies = warmup_policies
 
     def options(self) -> dict:
         out = {"reward": self.reward, "warmup_episodes": self.warmup_episodes,
@@ -799,7 +822,21 @@ class AMCSearcher(Searcher):
             out["repeats"] = self.repeats
         if self.update_ratio != 1.0:  # absent: AMC's one step per group, as studies before
             out["update_ratio"] = self.update_ratio
+        if self.warmup_policies != "random":  # absent from studies made before seeds existed
+            out["warmup_policies"] = self.warmup_policies
         return out
+
+    def first_policies(self) -> list[Policy]:
+        """What the first episodes evaluate in place of the policies they build: with
+        ``warmup_policies="seeds"``, evolution's seeds (`seed_policies`: the uniform policy at
+        the budget, then for each group that policy with the group kept whole); none with
+        ``"random"`` (AMC)."""
+        if self.warmup_policies != "seeds":
+            return []
+        from .baselines import best_uniform
+
+        return seed_policies(self.space, BudgetWall(self.space, self.predictor, self.budget_ms),
+                             best_uniform(self.space, self.predictor, self.budget_ms))
 
     def gradient_steps(self) -> int:
         """Gradient steps after each episode: ``update_ratio`` x the groups (AMC: one per
@@ -811,7 +848,8 @@ class AMCSearcher(Searcher):
         policies to new neighbours where ``repeats="move"``."""
         return PruningEnv(self.space, self.predictor, self.budget_ms, evaluate,
                           reward=self.reward, action=self.action, seed=self.seed,
-                          known=known if self.repeats == "move" else None)
+                          known=known if self.repeats == "move" else None,
+                          first=self.first_policies())
 
     def make_agent(self, env):
         """A fresh agent with AMC's settings (see the module's docstring for deviations)."""

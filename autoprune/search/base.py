@@ -223,3 +223,21 @@ class Searcher(abc.ABC):
     def options(self) -> dict:
         """Settings that belong in the study's frozen config."""
         return {}
+
+
+def seed_policies(space, wall, uniform: Policy) -> list[Policy]:
+    """Seeds for a search (evolution's first generation, amc's first episodes): the uniform
+    policy at the budget, then for each group that
+    policy with that group kept whole and the others shrunk by one common factor to pay for
+    it (`BudgetWall.project` with ``hold``; where the group does not fit whole even with the
+    others at their minimum, the widest that does). Repeats are dropped.
+
+    At budget 0.3 the most accurate ResNet-20 policies keep one costly group wide (the
+    stage-3 residual stream at 56 to 64 of 64 channels) and shrink the rest: NSGA-II from the
+    uniform seed and random proposals found that basin in some runs and not others."""
+    out = [uniform]
+    for g in space.groups:
+        p = wall.project({**uniform.to_dict(), g.name: g.channels}, hold=g.name)
+        if p not in out:
+            out.append(p)
+    return out

@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..policy import Policy
-from .base import SearchContext, Searcher
+from .base import SearchContext, Searcher, seed_policies
 from .baselines import best_uniform
 
 log = logging.getLogger(__name__)
@@ -139,23 +138,6 @@ class EvolutionSearcher(Searcher):
             return
         study.optimize(objective, n_trials=ctx.n_trials - done, gc_after_trial=False,
                        callbacks=callbacks)
-
-
-def seed_policies(space, wall, uniform: Policy) -> list[Policy]:
-    """The first generation's seeds: the uniform policy at the budget, then for each group that
-    policy with that group kept whole and the others shrunk by one common factor to pay for
-    it (`BudgetWall.project` with ``hold``; where the group does not fit whole even with the
-    others at their minimum, the widest that does). Repeats are dropped.
-
-    At budget 0.3 the most accurate ResNet-20 policies keep one costly group wide (the
-    stage-3 residual stream at 56 to 64 of 64 channels) and shrink the rest: NSGA-II from the
-    uniform seed and random proposals found that basin in some runs and not others."""
-    out = [uniform]
-    for g in space.groups:
-        p = wall.project({**uniform.to_dict(), g.name: g.channels}, hold=g.name)
-        if p not in out:
-            out.append(p)
-    return out
 
 
 def write_genome(study, trial, genome: dict[str, int]) -> None:
