@@ -742,6 +742,50 @@ def test_amc_env_moves_a_repeated_policy_and_traces_the_one_it_evaluated(setup, 
     assert info["candidate"].policy == built and info["repeat"] and not info["new"]
 
 
+def test_amc_first_episodes_evaluate_the_seeds_and_the_agent_learns_from_them(setup, digits):
+    """By default the first episodes evaluate evolution's seeds in order (the uniform policy,
+    then one per group kept whole) in place of the policies they build, traced for the agent
+    and counted apart from moves; then episodes go on as any other. ``"random"`` is AMC's
+    warm-up alone, and only the default is written in the study's options."""
+    from autoprune.search.base import BudgetWall, seed_policies
+    from autoprune.search.baselines import best_uniform
+
+    model, space, pred, budget, _ = setup
+    ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=100, bn_batches=1)
+    searcher = SEARCHERS["amc"]()(space, pred, budget, seed=0, warmup_episodes=2)
+    seeds = searcher.first_policies()
+    assert seeds == seed_policies(space, BudgetWall(space, pred, budget),
+                                  best_uniform(space, pred, budget))
+    assert len(seeds) > 2 and searcher.options()["warmup_policies"] == "seeds"
+    plain = SEARCHERS["amc"]()(space, pred, budget, seed=0, warmup_policies="random")
+    assert plain.first_policies() == [] and "warmup_policies" not in plain.options()
+    env = searcher.make_env(lambda p, ep: ev.evaluate(p, trial=ep), known=lambda p: p in ev.cache)
+    agent = searcher.make_agent(env)
+    infos = []
+    for _ in range(len(seeds) + 1):
+        obs, _ = env.reset()
+        done = False
+        while not done:
+            agent._last_obs = obs[None]
+            action = np.full((1, 1), 0.3, np.float32)
+            obs, reward, done, _, info = env.step(action[0])
+            agent._store_transition(agent.replay_buffer, 2 * action - 1, obs[None],
+                                    np.array([reward]), np.array([done]), [info])
+        infos.append(info)
+    assert [i["candidate"].policy for i in infos[:len(seeds)]] == seeds
+    assert all(i["new"] for i in infos)
+    for info in infos[:len(seeds)]:  # traced, unless the episode built the seed itself
+        assert ("trace" in info) == info.get("seeded", False)
+    assert infos[-1]["candidate"].policy not in seeds and not infos[-1].get("seeded")
+    assert agent.episodes_seeded == sum(bool(i.get("seeded")) for i in infos) > 0
+    assert agent.episodes_done == len(seeds) + 1 and agent.candidates_new == len(seeds) + 1
+    # the seeds' traces are in the replay buffer: the first transition of each is its first
+    # step's action, the one that picks the seed's first width
+    first = [i for i, info in enumerate(infos) if info.get("seeded")][0]
+    assert agent.replay_buffer.actions[first * len(space), 0, 0] == pytest.approx(
+        2 * infos[first]["trace"][0][1] - 1)
+
+
 def test_amc_agent_learns_from_the_policy_evaluated_not_the_one_it_built(setup):
     """An episode the env moved stores the trace's transitions (actions in SB3's scaled
     range), and counts as a repeat for the exploration noise."""

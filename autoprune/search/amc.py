@@ -65,6 +65,25 @@ Deviations from the paper, each for a reason:
   cost an episode and an update but no evaluation: at budget 0.3 amc ran 757 to 1,095
   episodes for its 300 candidates, and its updates were 16% of the wall time; with moves it
   runs one episode per candidate. Measured in ``bench/search_quality.py``.
+- The first episodes evaluate evolution's seeds (`seed_policies`: the uniform policy at the
+  budget, then for each group that policy with the group kept whole and the others shrunk to
+  pay for it) in place of the policies they build, and the agent stores their traces as it
+  does a move's (``warmup_policies="seeds"``, the default; ``"random"``: AMC's random warm-up
+  alone, as studies made before). AMC's agent starts from nothing, and at budget 0.3 the
+  winners of 300 candidates were level with random search's (19.0% against 18.98%, 3 seeds,
+  on a family-25 CPU) while evolution, bred from these seeds, reached 23.4%: the most
+  accurate policies there keep one costly group (the stage-3 residual stream) whole, a
+  corner that neither random actions nor the actor's fair shares reach. With the seeds amc's
+  winners reached 22.85% (23.05, 22.7, 22.8), each with that stream whole. Measured in
+  ``bench/search_quality.py``.
+- After each episode the agent takes half as many gradient steps as the episode stored
+  transitions (``update_ratio`` 0.5; AMC: one per transition, ``1``). The update was most of
+  amc's own time: at budget 0.3, where an evaluation takes 0.45 s on a family-25 CPU, AMC's
+  12 steps (20 ms an episode) put amc's overhead at 5.6% of the wall time (5.94, 5.3, 5.5%
+  over 3 seeds of 300 candidates; the target is 5%). With 6 steps it was 3.6%, and the
+  winners were the same policies, with seeds: 22.85% (23.05, 22.7, 22.8) both ways. Without
+  seeds, half the steps had scored 18.82% against 19.0% with AMC's, within the spread of
+  seeds. Measured in ``bench/search_quality.py``.
 - The replay buffer holds AMC's 100 episodes (``rmsize`` 100 per layer in AMC's code; it held
   100,000 transitions before), which also keeps each checkpoint small.
 """
@@ -106,8 +125,9 @@ KIND_CODE = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 # the actor's pre-tanh activation is penalised beyond +-ACTOR_BOUND (tanh 0.964, where tanh
 # still passes 7% of the gradient), with weight ACTOR_REG (see the module's docstring)
 ACTOR_BOUND, ACTOR_REG = 2.0, 1.0
-# gradient steps after each episode, per group (AMC: 1, one per stored transition)
-UPDATE_RATIO = 1.0
+# gradient steps after each episode, per group (AMC: 1, one per stored transition; see the
+# module's docstring)
+UPDATE_RATIO = 0.5
 # the agent's update runs on the thread count whose last UPDATE_TRIALS timed updates were the
 # quicker; every RECHECK_EVERY-th update runs on the other one, to see whether that changed
 UPDATE_TRIALS, RECHECK_EVERY = 4, 10
