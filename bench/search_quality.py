@@ -7,7 +7,9 @@ JSON document.
 
 For every (budget, searcher, seed): val accuracy of the winner (no fine-tuning), its predicted
 and *measured* latency on the device, seconds per candidate evaluation, and the searcher's own
-overhead as a share of wall time. The winner is chosen as `autoprune search` chooses it: the
+overhead as a share of wall time, and whether the winner is one of the seeds that evolution
+and amc start from (``winner_seed``: its index in `seed_policies`, 0 the uniform one, or
+null). The winner is chosen as `autoprune search` chooses it: the
 most accurate feasible candidate that also measures within 1.05 x budget on the device (the
 best predicted ones are measured in turn, at most --verify-top; `best_predicted_val_acc` is
 the winner by prediction alone). The measured check's time is reported apart (`verify_s`).
@@ -56,6 +58,8 @@ from autoprune.latency.table import table_path  # noqa: E402
 from autoprune.models import ModelSpec, build_model, load_state, read_checkpoint  # noqa: E402
 from autoprune.progress import bar  # noqa: E402
 from autoprune.search import SEARCHERS, SearchContext  # noqa: E402
+from autoprune.search.base import BudgetWall, seed_policies  # noqa: E402
+from autoprune.search.baselines import best_uniform  # noqa: E402
 from autoprune.space import SearchSpace, SpaceSpec  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "autoprune" / "weights" / \
@@ -258,6 +262,9 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
             update_counts, update_s = state.get("update_counts"), state.get("update_s")
     cands = list(ev.cache.values())
     eval_s = [c.eval_s for c in cands]
+    # evolution's and amc's seeds at this budget: is the winner one of them?
+    seeds = seed_policies(space, BudgetWall(space, pred, budget_ms),
+                          best_uniform(space, pred, budget_ms))
     # each the quickest of three passes (one pass can catch a spike of this shared machine:
     # seen here, 0.399 ms once for a policy that measures 0.271-0.275 ms), alternating with
     # the unpruned model, whose latency the budget is a fraction of, and watched over
@@ -282,6 +289,7 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
             "evaluated": len(cands), "episodes": episodes, "episodes_moved": moved,
             "update_counts": update_counts, "update_s": update_s,
             "best_val_acc": best.val_acc, "predicted_ms": best.latency_ms,
+            "winner_seed": seeds.index(best.policy) if best.policy in seeds else None,
             "best_predicted_val_acc": predicted_best.val_acc,
             "verify_measured": len(known), "verify_s": verify_s,
             "measured_ms": rec["median_ms"], "measured_unpruned_ms": rec["reference_ms"],

@@ -37,6 +37,9 @@ def test_search_quality_reports_json_table_and_plot(cli_env, tmp_path):
     out = json.loads(proc.stdout)
     runs = {r["searcher"]: r for r in out["runs"]}
     assert set(runs) == {"random", "uniform"} and runs["random"]["evaluated"] == 6
+    # uniform's winner is the uniform seed evolution and amc start from, unless the measured
+    # check passed over it for a narrower uniform policy
+    assert runs["uniform"]["winner_seed"] == 0 or runs["uniform"]["verify_measured"] > 1
     assert out["plot"] == str(tmp_path / "q.png") and _is_png(tmp_path / "q.png")
     table = _table(proc.stderr)
     assert table.startswith(f"**budget {float(budget):g}**")

@@ -74,8 +74,11 @@ Deviations from the paper, each for a reason:
   on a family-25 CPU) while evolution, bred from these seeds, reached 23.4%: the most
   accurate policies there keep one costly group (the stage-3 residual stream) whole, a
   corner that neither random actions nor the actor's fair shares reach. With the seeds amc's
-  winners reached 22.85% (23.05, 22.7, 22.8), each with that stream whole. Measured in
-  ``bench/search_quality.py``.
+  winners reached 22.85% (23.05, 22.7, 22.8). Each of those three winners *is* the seed with
+  that stream whole: there the agent did not improve on its seed in 300 episodes. At budget
+  0.5 none of the three winners is a seed, and they reached 49.33% (47.85, 48.45, 51.7),
+  where amc without seeds (and with AMC's 12 gradient steps) had reached 46.57% on the same
+  CPU the session before. Measured in ``bench/search_quality.py``.
 - After each episode the agent takes half as many gradient steps as the episode stored
   transitions (``update_ratio`` 0.5; AMC: one per transition, ``1``). The update was most of
   amc's own time: at budget 0.3, where an evaluation takes 0.45 s on a family-25 CPU, AMC's
