@@ -58,8 +58,6 @@ from autoprune.latency.table import table_path  # noqa: E402
 from autoprune.models import ModelSpec, build_model, load_state, read_checkpoint  # noqa: E402
 from autoprune.progress import bar  # noqa: E402
 from autoprune.search import SEARCHERS, SearchContext  # noqa: E402
-from autoprune.search.base import BudgetWall, seed_policies  # noqa: E402
-from autoprune.search.baselines import best_uniform  # noqa: E402
 from autoprune.space import SearchSpace, SpaceSpec  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "autoprune" / "weights" / \
@@ -262,9 +260,7 @@ def _run(name, seed, budget_f, budget_ms, model, data, space, pred, backend, tri
             update_counts, update_s = state.get("update_counts"), state.get("update_s")
     cands = list(ev.cache.values())
     eval_s = [c.eval_s for c in cands]
-    # evolution's and amc's seeds at this budget: is the winner one of them?
-    seeds = seed_policies(space, BudgetWall(space, pred, budget_ms),
-                          best_uniform(space, pred, budget_ms))
+    seeds = searcher.seeds()  # evolution's and amc's at this budget: is the winner one?
     # each the quickest of three passes (one pass can catch a spike of this shared machine:
     # seen here, 0.399 ms once for a policy that measures 0.271-0.275 ms), alternating with
     # the unpruned model, whose latency the budget is a fraction of, and watched over

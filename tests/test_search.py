@@ -419,8 +419,8 @@ def test_evolution_seeds_keep_each_group_whole_in_turn(fraction):
     """The first generation's seeds on the shipped ResNet-20 table: the uniform policy at the
     budget first, then one per group with that group wider than uniform (whole, or the widest
     that fits) and paid for by the others; every seed feasible, none twice."""
+    from autoprune.search.base import seed_policies
     from autoprune.search.baselines import best_uniform
-    from autoprune.search.evolution import seed_policies
 
     pred = _shipped_predictor("resnet20")
     space = pred.space
@@ -444,8 +444,8 @@ def test_evolution_seeds_keep_each_group_whole_in_turn(fraction):
 def test_evolution_tries_every_seed_once_across_a_resume(setup, digits, tmp_path):
     """A study stopped before its seeds are all tried enqueues the rest when it resumes, and
     none of those it already tried."""
+    from autoprune.search.base import seed_policies
     from autoprune.search.baselines import best_uniform
-    from autoprune.search.evolution import seed_policies
 
     model, space, pred, budget, _ = setup
     ev = Evaluator(model, digits, space, pred, budget_ms=budget, val_images=100, bn_batches=1)

@@ -108,7 +108,7 @@ from gymnasium import spaces
 
 from ..errors import UserError
 from ..policy import Policy
-from .base import BudgetWall, SearchContext, Searcher, seed_policies
+from .base import BudgetWall, SearchContext, Searcher
 
 log = logging.getLogger(__name__)
 
@@ -614,7 +614,7 @@ def make_agent_class():
             per-call bookkeeping: 0.65x the time of the autograd update with fused Adam on 2
             threads, 0.72x on one (``bench/amc_update.py``, in bench/README.md).
             It runs on one thread or on ``update_threads`` (the evaluations' threads, which are
-            idle meanwhile), whichever its first updates ran faster on (`_update_threads_now`);
+            idle meanwhile), whichever its recent updates ran quicker on (`_update_threads_now`);
             the rest of the agent runs on one."""
             threads = torch.get_num_threads()
             use = self._update_threads_now()
@@ -854,12 +854,7 @@ class AMCSearcher(Searcher):
         ``warmup_policies="seeds"``, evolution's seeds (`seed_policies`: the uniform policy at
         the budget, then for each group that policy with the group kept whole); none with
         ``"random"`` (AMC)."""
-        if self.warmup_policies != "seeds":
-            return []
-        from .baselines import best_uniform
-
-        return seed_policies(self.space, BudgetWall(self.space, self.predictor, self.budget_ms),
-                             best_uniform(self.space, self.predictor, self.budget_ms))
+        return self.seeds() if self.warmup_policies == "seeds" else []
 
     def gradient_steps(self) -> int:
         """Gradient steps after each episode: ``update_ratio`` x the groups (AMC: one per

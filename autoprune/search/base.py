@@ -224,6 +224,14 @@ class Searcher(abc.ABC):
         """Settings that belong in the study's frozen config."""
         return {}
 
+    def seeds(self) -> list[Policy]:
+        """`seed_policies` at this searcher's budget: evolution's first generation, amc's
+        first episodes."""
+        from .baselines import best_uniform  # (baselines imports this module)
+
+        return seed_policies(self.space, self.wall,
+                             best_uniform(self.space, self.predictor, self.budget_ms))
+
 
 def seed_policies(space, wall, uniform: Policy) -> list[Policy]:
     """Seeds for a search (evolution's first generation, amc's first episodes): the uniform

@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
-from .base import SearchContext, Searcher, seed_policies
-from .baselines import best_uniform
+from .base import SearchContext, Searcher
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,7 @@ class EvolutionSearcher(Searcher):
         # between the two) is proposed again first: served from the cache, under its number
         logged = {number: self._genome(policy)
                   for number, policy in getattr(ctx, "done_trials", {}).items()}
-        seeds = [self._genome(p) for p in seed_policies(
-            self.space, self.wall, best_uniform(self.space, self.predictor, self.budget_ms))]
+        seeds = [self._genome(p) for p in self.seeds()]
         study, callbacks = open_search_study(
             ctx, self._sampler(worker_seed),
             directions=["maximize", "minimize"] if multi else ["maximize"], logged=logged,
