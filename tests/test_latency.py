@@ -81,8 +81,8 @@ def _good(stat):
 
 def test_registry_has_the_built_in_devices():
     devices = load_devices()
-    for name in ("cpu-ort", "cpu-ort-2t", "cpu-tvm", "cpu-tvm-untuned", "cuda-ort", "cuda-tvm",
-                 "rpi4-tvm"):
+    for name in ("cpu-ort", "cpu-ort-2t", "cpu-tvm", "cpu-tvm-transfer", "cpu-tvm-untuned",
+                 "cuda-ort", "cuda-tvm", "rpi4-tvm"):
         assert name in devices
     assert devices["cpu-ort"].threads == 1 and devices["cpu-ort-2t"].threads == 2
     assert devices["cpu-tvm"].tuned and not devices["cpu-tvm-untuned"].tuned
@@ -153,6 +153,51 @@ def test_metaschedule_tuning_beats_untuned(tmp_path, monkeypatch):
         tuned = tuned_backend.measure_op(sig)
     assert (tmp_path / "db" / "database_tuning_record.json").stat().st_size > 0
     assert tuned.median_ms < base.median_ms, (tuned, base)
+
+
+def _lines(path):
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.tvm
+def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypatch):
+    """cpu-tvm-transfer tunes one op per family (the widest) and gives the narrower ones its
+    schedule, which beats the default one; a whole model with a width never tuned then
+    compiles without a tuning run."""
+    monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
+    wide = OpSig("conv", 32, 32, 3, 1, 1, 14, 14, "bn+relu")
+    narrow = OpSig("conv", 16, 24, 3, 1, 1, 14, 14, "bn+relu")
+    db = tmp_path / "db"
+    with get_backend(get_device("cpu-tvm-transfer"), tuning_dir=db,
+                     trials_per_task=8) as backend:
+        backend.prepare_ops([narrow, wide])
+        assert backend.transfers == 1
+        assert _lines(db / "database_workload.json") == 1  # only the wide op was tuned
+        assert _lines(db / "transfer" / "database_tuning_record.json") == 1
+        moved = backend.measure_op(narrow)
+    with get_backend(get_device("cpu-tvm-untuned")) as untuned:
+        default = untuned.measure_op(narrow)
+    assert _good(moved) and moved.median_ms < default.median_ms, (moved, default)
+
+    tuned_records = _lines(db / "database_tuning_record.json")
+    model = torch.nn.Sequential(torch.nn.Conv2d(24, 8, 3, padding=1, bias=False),
+                                torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    with get_backend(get_device("cpu-tvm-transfer"), tuning_dir=db,
+                     trials_per_task=8) as backend:
+        assert _good(backend.measure_model(model, (1, 24, 14, 14)))
+        assert backend.transfers == 1
+    assert _lines(db / "database_tuning_record.json") == tuned_records  # nothing tuned
+
+
+def test_a_device_with_bad_tuning_options_is_refused(tmp_path):
+    f = tmp_path / "devices.yaml"
+    for tuning, says in (("{trials: 8}", "`tuning` takes"),
+                         ("{transfer: 2}", "`tuning.transfer` must be true or false"),
+                         ("{trials_per_task: 0}", "`tuning.trials_per_task` must be")):
+        f.write_text("devices:\n  mine:\n    runtime: tvm\n    target: {kind: llvm}\n"
+                     f"    tuning: {tuning}\n")
+        assert_user_error(run_cli("devices", "--devices", str(f)), says)
 
 
 def test_table_covers_the_grid(tiny, tiny_table):

@@ -16,6 +16,7 @@ RUNTIMES = ("onnxruntime", "tvm")
 _KEYS = {"description", "runtime", "provider", "target", "threads", "batch", "channel_multiple",
          "profile_multiple", "tuning", "remote", "cross_compiler"}
 _REMOTE_KEYS = {"host", "port", "key", "tracker"}
+_TUNING_KEYS = {"trials_per_task", "transfer", "transfer_candidates"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,16 @@ class TargetDevice:
         if self.runtime == "tvm" and not isinstance(self.target, dict):
             raise UserError(f"{where}: a tvm device needs `target` as a mapping, e.g. "
                             "{kind: llvm, num-cores: 1}")
+        if not isinstance(self.tuning, dict) or set(self.tuning) - _TUNING_KEYS:
+            raise UserError(f"{where}: `tuning` takes {', '.join(sorted(_TUNING_KEYS))}, got "
+                            f"{self.tuning!r}")
+        for key in ("trials_per_task", "transfer_candidates"):
+            v = self.tuning.get(key, 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"{where}: `tuning.{key}` must be a positive integer, got {v!r}")
+        if not isinstance(self.tuning.get("transfer", False), bool):
+            raise UserError(f"{where}: `tuning.transfer` must be true or false, got "
+                            f"{self.tuning['transfer']!r}")
         if self.runtime == "onnxruntime" and not self.provider:
             raise UserError(f"{where}: an onnxruntime device needs `provider`, e.g. "
                             "CPUExecutionProvider")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -61,7 +62,12 @@ class TvmBackend(Backend):
         self.repeat, self.min_repeat_ms = repeat, min_repeat_ms
         self.tuned = device.tuned
         self._db = None  # the tuning database, loaded on first use
+        self._transfer_db = None  # the transferred schedules (``transfer``), likewise
+        self._source_list = None  # the tuned schedules a transfer may borrow
+        self.transfers = 0  # schedules transferred by this backend
         self.trials_per_task = trials_per_task or int(device.tuning.get("trials_per_task", 32))
+        self.transfer = self.tuned and bool(device.tuning.get("transfer", False))
+        self.transfer_candidates = int(device.tuning.get("transfer_candidates", 3))
         self.tuning_dir = Path(tuning_dir) if tuning_dir else \
             LATENCY_TABLES_DIR / device.name / "tuning"
         self._remote = None
@@ -121,13 +127,104 @@ class TvmBackend(Backend):
             self._db = ms.database.JSONDatabase(work_dir=str(self.tuning_dir))
         return self._db
 
-    def _tune_missing(self, lowered) -> None:
-        """MetaSchedule-tune, in one run, the conv/matmul tasks of the ``lowered`` modules that
-        the device's database lacks (one run: the builder's worker start-up is paid once)."""
+    def _transfer_database(self):
+        """The schedules transferred to shapes that were never tuned (``tuning_dir/transfer``):
+        kept apart from the tuned ones, which alone serve as sources."""
+        if self._transfer_db is None:
+            import tvm.s_tir.meta_schedule as ms
+
+            where = self.tuning_dir / "transfer"
+            where.mkdir(parents=True, exist_ok=True)
+            self._transfer_db = ms.database.JSONDatabase(work_dir=str(where))
+        return self._transfer_db
+
+    def _applied_database(self):
+        """What a compile applies: the tuned schedules, then (``transfer``) the transferred."""
+        if not self.transfer:
+            return self._database()
+        import tvm.s_tir.meta_schedule as ms
+
+        return ms.database.OrderedUnionDatabase(self._database(), self._transfer_database())
+
+    def _scheduled(self, task) -> bool:
+        mod = task.dispatched[0]
+        if self._database().query_tuning_record(mod, self.target, task.task_name) is not None:
+            return True
+        return self.transfer and self._transfer_database().query_tuning_record(
+            mod, self.target, task.task_name) is not None
+
+    # ------------------------------------------------------------------ transfer tuning
+    def _sources(self) -> list:
+        """The best tuned schedule of every workload in the database, with its buffer shapes:
+        what a shape never tuned may borrow. Built once per backend, again after a tuning run."""
+        if self._source_list is None:
+            import tvm_ffi
+
+            best: dict[int, tuple[float, object]] = {}
+            for r in self._database().get_all_tuning_records():
+                secs = [float(x) for x in (r.run_secs or [])]
+                if not secs or max(secs) >= 1e9:  # never ran, or failed (MetaSchedule's 1e10)
+                    continue
+                h = int(tvm_ffi.structural_hash(r.workload.mod))
+                t = float(np.median(secs))
+                if h not in best or t < best[h][0]:
+                    best[h] = (t, r)
+            self._source_list = [(_arg_shapes(r.workload.mod), r.trace)
+                                 for _, r in best.values()]
+        return self._source_list
+
+    def _transfer(self, task) -> bool:
+        """Give ``task`` the schedule of a tuned workload of the same computation at other
+        shapes: the nearest (by buffer shapes) up to ``transfer_candidates`` whose trace
+        applies and builds, each timed once here (a remote device takes the nearest), the
+        quickest kept in the transfer database. False when none applies."""
+        import tvm.s_tir.meta_schedule as ms
+        from tvm.s_tir.schedule import Schedule
+
+        tvm = self._tvm
+        mod = task.dispatched[0]
+        shapes = _arg_shapes(mod)
+        ranked = sorted((d, i) for i, (src, _) in enumerate(self._sources())
+                        if (d := _shape_distance(shapes, src)) < math.inf)
+        fits = []
+        for _, i in ranked:
+            sch = Schedule(mod)
+            try:
+                self._sources()[i][1].apply_to_schedule(sch, remove_postproc=False)
+                lib = tvm.compile(sch.mod, target=self.target)
+            except Exception:  # another computation, or tiles that no longer build: next one
+                continue
+            fits.append((sch, lib))
+            if len(fits) >= self.transfer_candidates:
+                break
+        if not fits:
+            return False
+        secs = [1.0] * len(fits)
+        if self._remote is None and len(fits) > 1:
+            dev = tvm.cpu(0)
+            args = [tvm.runtime.tensor(np.random.default_rng(0).uniform(size=s).astype("float32"),
+                                       dev) for s in shapes]
+            for k, (_, lib) in enumerate(fits):
+                timer = lib.mod.time_evaluator("main", dev, number=1, repeat=10,
+                                               min_repeat_ms=self.min_repeat_ms)
+                timer(*args)  # warm-up
+                secs[k] = float(np.median(timer(*args).results))
+        k = int(np.argmin(secs))
+        db = self._transfer_database()
+        db.commit_tuning_record(ms.database.TuningRecord(
+            fits[k][0].trace, db.commit_workload(mod), [secs[k]], self.target,
+            ms.arg_info.ArgInfo.from_entry_func(mod)))
+        self.transfers += 1
+        return True
+
+    def _tune_missing(self, lowered, *, transfer: bool = True) -> None:
+        """Schedule the conv/matmul tasks of the ``lowered`` modules that the device's database
+        lacks: with ``transfer`` on (the device's and this call's), each takes a tuned schedule
+        of another shape where one applies; the rest are MetaSchedule-tuned, in one run (the
+        builder's worker start-up is paid once)."""
         import tvm.s_tir.meta_schedule as ms
         import tvm_ffi  # structural_hash lives here in TVM 0.27
 
-        db = self._database()
         missing, seen = [], set()
         for mod in lowered:
             for t in ms.relax_integration.extract_tasks(mod, self.target):
@@ -137,8 +234,10 @@ class TvmBackend(Backend):
                 if h in seen:
                     continue
                 seen.add(h)
-                if db.query_tuning_record(t.dispatched[0], self.target, t.task_name) is None:
+                if not self._scheduled(t):
                     missing.append(t)
+        if self.transfer and transfer:
+            missing = [t for t in missing if not self._transfer(t)]
         if not missing:
             return
         log.info("tuning %d task(s) x %d trials for %s", len(missing), self.trials_per_task,
@@ -152,10 +251,11 @@ class TvmBackend(Backend):
             work_dir=str(self.tuning_dir / "logs"),
             max_trials_global=self.trials_per_task * len(contexts),
             max_trials_per_task=self.trials_per_task,
-            num_trials_per_iter=min(16, self.trials_per_task), database=db,
+            num_trials_per_iter=min(16, self.trials_per_task), database=self._database(),
             builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1,
                                             timeout_sec=BUILDER_TIMEOUT_S),
             runner=ms.runner.LocalRunner(), task_scheduler="round-robin")
+        self._source_list = None  # new sources to transfer from
 
     def prepare_ops(self, sigs) -> None:
         if not self.tuned:
@@ -167,6 +267,16 @@ class TvmBackend(Backend):
             module = OpModule(sig)
             mods.append(self._lower_for_tuning(
                 self._relax_module(module, module.example_inputs(self.device.batch))))
+        if self.transfer:
+            # tune the widest op of each family (the model's own widths, on a table's grid),
+            # then give every narrower one a schedule transferred from those
+            widest: dict[tuple, int] = {}
+            for i, sig in enumerate(sigs):
+                j = widest.get(sig.family)
+                if j is None or (sig.cin * sig.cout, sig.cout) > (sigs[j].cin * sigs[j].cout,
+                                                                   sigs[j].cout):
+                    widest[sig.family] = i
+            self._tune_missing([mods[i] for i in sorted(widest.values())], transfer=False)
         self._tune_missing(mods)
 
     def compile(self, module, inputs, *, weights: bool = False) -> Path:
@@ -179,6 +289,7 @@ class TvmBackend(Backend):
         tvm = self._tvm
         extra = [json.dumps(self.device.target, sort_keys=True), tvm.__version__,
                  f"tuned:{self.tuning_dir.resolve()}" if self.tuned else "untuned",
+                 "transfer" if self.transfer else "",
                  self.device.cross_compiler or ""]
         if weights:
             import hashlib
@@ -196,7 +307,7 @@ class TvmBackend(Backend):
             self._tune_missing([mod])
             # what static_shape_tuning_pipeline(total_trials=0) does after lowering, with the
             # database already in memory instead of re-read from its work_dir
-            with self.target, self._database():
+            with self.target, self._applied_database():
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         executable = relax.build(mod, target=self.target)
         fcompile = None
@@ -278,4 +389,23 @@ class TvmBackend(Backend):
 
         return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?"),
                 "target": json.dumps(device.target, sort_keys=True),
-                "tuned": str(device.tuned), "torch": torch.__version__}
+                "tuned": str(device.tuned), "torch": torch.__version__,
+                **({"transfer": "True"} if device.tuned and device.tuning.get("transfer")
+                   else {})}
+
+
+def _arg_shapes(mod) -> tuple[tuple[int, ...], ...]:
+    """The buffer shapes of a task's entry function, in argument order."""
+    import tvm.s_tir.meta_schedule as ms
+
+    return tuple(tuple(int(x) for x in a.shape)
+                 for a in ms.arg_info.ArgInfo.from_entry_func(mod))
+
+
+def _shape_distance(a, b) -> float:
+    """How far two tasks' buffer shapes lie apart: the sum of |log(ratio)| over every
+    dimension; infinite when their arguments do not line up (another computation)."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b, strict=True)):
+        return math.inf
+    return sum(abs(math.log(p / q)) for x, y in zip(a, b, strict=True)
+               for p, q in zip(x, y, strict=True) if p > 0 < q)
