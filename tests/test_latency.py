@@ -161,10 +161,11 @@ def _lines(path):
 
 @pytest.mark.slow
 @pytest.mark.tvm
-def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypatch):
+def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypatch, capfd):
     """cpu-tvm-transfer tunes one op per family (the widest) and gives the narrower ones its
     schedule, which beats the default one; a whole model with a width never tuned then
-    compiles without a tuning run."""
+    compiles without a tuning run. MetaSchedule's log of the tuning stays off stdout (where
+    `--json` output goes)."""
     monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
     wide = OpSig("conv", 32, 32, 3, 1, 1, 14, 14, "bn+relu")
     narrow = OpSig("conv", 16, 24, 3, 1, 1, 14, 14, "bn+relu")
@@ -172,7 +173,10 @@ def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypat
     with get_backend(get_device("cpu-tvm-transfer"), tuning_dir=db,
                      trials_per_task=8) as backend:
         backend.prepare_ops([narrow, wide])
+        assert "Trial" not in capfd.readouterr().out
         assert backend.transfers == 1
+        assert backend.schedule_source(wide) == "tuned"
+        assert backend.schedule_source(narrow) == "transferred"
         assert _lines(db / "database_workload.json") == 1  # only the wide op was tuned
         assert _lines(db / "transfer" / "database_tuning_record.json") == 1
         moved = backend.measure_op(narrow)

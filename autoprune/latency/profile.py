@@ -151,7 +151,7 @@ def build_table(model: nn.Module, space: SearchSpace, device: TargetDevice, back
     missing = [s for s in sigs if s.key not in table.entries]
     anchors = _anchor_keys(table, sigs) if missing else []
     if missing:
-        backend.prepare_ops(missing)
+        backend.prepare_ops(missing, progress=progress)
     # entries already in the table were measured at another time, when the machine may have run
     # faster or slower: some of them are measured again in the same passes as the new ones, and
     # each chunk of new ones is put on the table's timebase by its own anchors (see `_timebase`)

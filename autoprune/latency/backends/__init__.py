@@ -46,9 +46,9 @@ class Backend(abc.ABC):
         for their timing."""
         return self._prepare_module(model, (torch.randn(self.device.batch, *input_shape[1:]),))
 
-    def prepare_ops(self, sigs: list[OpSig]) -> None:
+    def prepare_ops(self, sigs: list[OpSig], *, progress: bool = False) -> None:
         """Get ready to measure many ops (a tuned TVM device tunes them all in one run)."""
-        del sigs  # most runtimes need no preparation
+        del sigs, progress  # most runtimes need no preparation
 
     def measure_op(self, sig: OpSig) -> LatencyStat:
         """Latency of one op (layer + fused post-ops) in isolation."""

@@ -12,6 +12,17 @@ each worth microseconds and each costing ~2 min of tuning here, so they keep TVM
 schedule. The database (28 MB for ResNet-20's tasks, ~9 s to parse) is read once per backend,
 not once per compile.
 
+Transfer tuning (``tuning: {transfer: true}``): tuning a shape costs about a minute here, and a
+pruned model is made of shapes never tuned. A task the database lacks then takes the schedule
+of a tuned workload of the same computation at other shapes: its trace, replayed on the new
+workload up to its postprocessing (TVM keeps a tile decision that still divides the new extent
+and makes the rest trivial), then the target's postprocessors run on the result. The nearest
+workloads by buffer shapes are tried in turn; of the first
+``transfer_candidates`` that apply and build, the quickest (timed once here) is kept, in a
+second database under ``tuning/transfer/`` so that a table and the whole models measured
+against it run the same kernels. Only a task that no tuned schedule fits is tuned. ``profile``
+tunes the widest op of each family first (the model's own widths), so the rest have sources.
+
 Known here (TVM 0.27): the default MetaSchedule builder's worker import takes ~34 s, beyond its
 30 s timeout, so the builder gets a longer one; apache-tvm-ffi 0.1.15.post2 segfaults in
 ``tvm.ir.save_json`` (the database writer), so 0.1.14.post1 is pinned.
@@ -19,10 +30,12 @@ Known here (TVM 0.27): the default MetaSchedule builder's worker import takes ~3
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -186,11 +199,18 @@ class TvmBackend(Backend):
         shapes = _arg_shapes(mod)
         ranked = sorted((d, i) for i, (src, _) in enumerate(self._sources())
                         if (d := _shape_distance(shapes, src)) < math.inf)
+        # the trace is replayed up to its postprocessing, which is redone for the new shapes:
+        # replayed too, it fetched loop nests that the new tiles had changed (a unit loop gone)
+        postprocs = ms.TuneContext(mod=mod, target=self.target, space_generator="post-order-apply",
+                                   search_strategy="replay-trace",
+                                   task_name=task.task_name).space_generator.postprocs
         fits = []
         for _, i in ranked:
             sch = Schedule(mod)
             try:
-                self._sources()[i][1].apply_to_schedule(sch, remove_postproc=False)
+                self._sources()[i][1].apply_to_schedule(sch, remove_postproc=True)
+                if not all(p.apply(sch) for p in postprocs):
+                    continue
                 lib = tvm.compile(sch.mod, target=self.target)
             except Exception:  # another computation, or tiles that no longer build: next one
                 continue
@@ -217,7 +237,7 @@ class TvmBackend(Backend):
         self.transfers += 1
         return True
 
-    def _tune_missing(self, lowered, *, transfer: bool = True) -> None:
+    def _tune_missing(self, lowered, *, transfer: bool = True, progress: bool = False) -> None:
         """Schedule the conv/matmul tasks of the ``lowered`` modules that the device's database
         lacks: with ``transfer`` on (the device's and this call's), each takes a tuned schedule
         of another shape where one applies; the rest are MetaSchedule-tuned, in one run (the
@@ -236,12 +256,30 @@ class TvmBackend(Backend):
                 seen.add(h)
                 if not self._scheduled(t):
                     missing.append(t)
-        if self.transfer and transfer:
-            missing = [t for t in missing if not self._transfer(t)]
+        if self.transfer and transfer and missing:
+            from ...progress import bar
+
+            left = []
+            with bar(f"transfer schedules ({self.device.name})", len(missing),
+                     enabled=progress) as pbar:
+                for t in missing:
+                    if not self._transfer(t):
+                        left.append(t)
+                    pbar.advance()
+            missing = left
         if not missing:
             return
-        log.info("tuning %d task(s) x %d trials for %s", len(missing), self.trials_per_task,
-                 self.device.name)
+        log.info("tuning %d task(s) x %d trials for %s (its log: %s)", len(missing),
+                 self.trials_per_task, self.device.name, self.tuning_dir / "logs")
+        # MetaSchedule logs every trial to stdout, where `--json` output goes: its console
+        # handler (made inside these calls, at the level its logger has then) gets stderr
+        # and warnings only; its files under tuning/logs keep everything
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(sys.stderr):
+            self._run_tuning(ms, missing)
+        self._source_list = None  # new sources to transfer from
+
+    def _run_tuning(self, ms, missing) -> None:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             missing, str(self.tuning_dir / "logs"), seed=0)
         if not contexts:  # every missing task was already scheduled by hand: nothing to tune
@@ -255,9 +293,27 @@ class TvmBackend(Backend):
             builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1,
                                             timeout_sec=BUILDER_TIMEOUT_S),
             runner=ms.runner.LocalRunner(), task_scheduler="round-robin")
-        self._source_list = None  # new sources to transfer from
 
-    def prepare_ops(self, sigs) -> None:
+    def schedule_source(self, sig) -> str:
+        """Where the kernel of op ``sig`` comes from: ``tuned``, ``transferred`` (from the
+        transfer database) or ``default`` (TVM's own schedule: nothing in either database)."""
+        import tvm.s_tir.meta_schedule as ms
+
+        from ..ops import OpModule
+
+        module = OpModule(sig)
+        mod = self._lower_for_tuning(
+            self._relax_module(module, module.example_inputs(self.device.batch)))
+        tasks = [t for t in ms.relax_integration.extract_tasks(mod, self.target)
+                 if any(op in t.task_name for op in TUNED_OPS)]
+        if not tasks:
+            return "default"
+        if all(self._database().query_tuning_record(t.dispatched[0], self.target, t.task_name)
+               is not None for t in tasks):
+            return "tuned"
+        return "transferred" if all(self._scheduled(t) for t in tasks) else "default"
+
+    def prepare_ops(self, sigs, *, progress: bool = False) -> None:
         if not self.tuned:
             return
         from ..ops import OpModule
@@ -277,7 +333,7 @@ class TvmBackend(Backend):
                                                                    sigs[j].cout):
                     widest[sig.family] = i
             self._tune_missing([mods[i] for i in sorted(widest.values())], transfer=False)
-        self._tune_missing(mods)
+        self._tune_missing(mods, progress=progress)
 
     def compile(self, module, inputs, *, weights: bool = False) -> Path:
         """Build ``module`` for the target; return the path of the shared library (cached).
