@@ -126,7 +126,7 @@ def main() -> int:
         per_model = result["models"][name] = {"runtimes": {}, "predictor": {}}
         for dev_name in args.compare_runtimes.split(","):
             device = get_device(dev_name)
-            with get_backend(device) as backend:
+            with get_backend(device, **_backend_options(device, tables)) as backend:
                 per_model["runtimes"][dev_name] = backend.measure_model(model,
                                                                         x.shape).to_dict()
         for dev_name in args.devices.split(","):
@@ -136,7 +136,7 @@ def main() -> int:
                                            round_to=device.channel_multiple)
             key = model_key(name, tuple(x.shape))
             t0 = time.perf_counter()
-            with get_backend(device) as backend:
+            with get_backend(device, **_backend_options(device, tables)) as backend:
                 setup = build_table(model, space, device, backend, key=key, model_name=name,
                                     path=table_path(device.name, name, tables),
                                     progress=args.progress)
@@ -169,6 +169,14 @@ def main() -> int:
                                      > v["macs_proxy"]["kendall_tau"])}
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _backend_options(device, tables: Path | None) -> dict:
+    """A tuned TVM device keeps its tuning database beside its tables, as `autoprune
+    profile --tables` does: a run into another folder leaves the shipped one untouched."""
+    if device.runtime != "tvm" or tables is None:
+        return {}
+    return {"tuning_dir": tables / device.name / "tuning"}
 
 
 if __name__ == "__main__":
