@@ -48,16 +48,16 @@ def main(argv=None) -> int:
         ap.error(f"device {device.name!r} does not transfer schedules (tuning.transfer)")
     root = Path(args.tables) if args.tables else LATENCY_TABLES_DIR
     table = LatencyTable.load(root / device.name / f"{args.model}.json")
-    tuning_dir = root / device.name / "tuning"
-    transferred = _transferred_keys(device, tuning_dir, sorted(table.entries))
-    keys = random.Random(args.seed).sample(transferred, min(args.n, len(transferred)))
-    sigs = [OpSig.from_key(k) for k in keys]
-
     exact = get_device("cpu-tvm")  # the same target, every shape tuned for itself
     with tempfile.TemporaryDirectory() as scratch, \
-            get_backend(device, tuning_dir=tuning_dir) as moved, \
+            get_backend(device, tuning_dir=root / device.name / "tuning") as moved, \
             get_backend(exact, tuning_dir=Path(scratch) / "db",
                         trials_per_task=int(device.tuning.get("trials_per_task", 32))) as tuned:
+        # the table's conv entries whose kernels came from the transfer database
+        transferred = [k for k in sorted(table.entries) if k.startswith("conv")
+                       and moved.schedule_source(OpSig.from_key(k)) == "transferred"]
+        keys = random.Random(args.seed).sample(transferred, min(args.n, len(transferred)))
+        sigs = [OpSig.from_key(k) for k in keys]
         t0 = time.perf_counter()
         tuned.prepare_ops(sigs)
         tune_s = time.perf_counter() - t0
@@ -78,12 +78,6 @@ def main(argv=None) -> int:
                       "max_ratio": max(ratios), "shapes": rows}, indent=1))
     return 0
 
-
-def _transferred_keys(device, tuning_dir: Path, keys: list[str]) -> list[str]:
-    """The conv entries of the table whose kernels came from the transfer database."""
-    with get_backend(device, tuning_dir=tuning_dir) as backend:
-        return [k for k in keys if k.startswith("conv")
-                and backend.schedule_source(OpSig.from_key(k)) == "transferred"]
 
 
 if __name__ == "__main__":

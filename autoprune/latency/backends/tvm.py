@@ -159,12 +159,31 @@ class TvmBackend(Backend):
 
         return ms.database.OrderedUnionDatabase(self._database(), self._transfer_database())
 
-    def _scheduled(self, task) -> bool:
+    def _record_source(self, task) -> str | None:
+        """``tuned`` or ``transferred``: the database that holds ``task``'s schedule (None:
+        neither, so TVM's default schedule)."""
         mod = task.dispatched[0]
         if self._database().query_tuning_record(mod, self.target, task.task_name) is not None:
-            return True
-        return self.transfer and self._transfer_database().query_tuning_record(
-            mod, self.target, task.task_name) is not None
+            return "tuned"
+        if self.transfer and self._transfer_database().query_tuning_record(
+                mod, self.target, task.task_name) is not None:
+            return "transferred"
+        return None
+
+    def _tuned_tasks(self, mod) -> list:
+        """The tasks of a lowered module that a tuned device schedules (conv and matmul)."""
+        import tvm.s_tir.meta_schedule as ms
+
+        return [t for t in ms.relax_integration.extract_tasks(mod, self.target)
+                if any(op in t.task_name for op in TUNED_OPS)]
+
+    def _lowered_op(self, sig):
+        """Op ``sig`` alone, lowered as a whole model is before its tasks are extracted."""
+        from ..ops import OpModule
+
+        module = OpModule(sig)
+        return self._lower_for_tuning(
+            self._relax_module(module, module.example_inputs(self.device.batch)))
 
     # ------------------------------------------------------------------ transfer tuning
     def _sources(self) -> list:
@@ -197,18 +216,20 @@ class TvmBackend(Backend):
         tvm = self._tvm
         mod = task.dispatched[0]
         shapes = _arg_shapes(mod)
-        ranked = sorted((d, i) for i, (src, _) in enumerate(self._sources())
-                        if (d := _shape_distance(shapes, src)) < math.inf)
+        near = sorted((d, k) for k, (src, _) in enumerate(self._sources())
+                      if (d := _shape_distance(shapes, src)) < math.inf)
+        if not near:
+            return False
         # the trace is replayed up to its postprocessing, which is redone for the new shapes:
         # replayed too, it fetched loop nests that the new tiles had changed (a unit loop gone)
         postprocs = ms.TuneContext(mod=mod, target=self.target, space_generator="post-order-apply",
                                    search_strategy="replay-trace",
                                    task_name=task.task_name).space_generator.postprocs
         fits = []
-        for _, i in ranked:
+        for _, k in near:
             sch = Schedule(mod)
             try:
-                self._sources()[i][1].apply_to_schedule(sch, remove_postproc=True)
+                self._sources()[k][1].apply_to_schedule(sch, remove_postproc=True)
                 if not all(p.apply(sch) for p in postprocs):
                     continue
                 lib = tvm.compile(sch.mod, target=self.target)
@@ -221,11 +242,11 @@ class TvmBackend(Backend):
             return False
         secs = [1.0] * len(fits)
         if self._remote is None and len(fits) > 1:
-            dev = tvm.cpu(0)
-            args = [tvm.runtime.tensor(np.random.default_rng(0).uniform(size=s).astype("float32"),
-                                       dev) for s in shapes]
+            rng = np.random.default_rng(0)
+            args = [tvm.runtime.tensor(rng.uniform(size=s).astype("float32"), self.dev)
+                    for s in shapes]
             for k, (_, lib) in enumerate(fits):
-                timer = lib.mod.time_evaluator("main", dev, number=1, repeat=10,
+                timer = lib.mod.time_evaluator("main", self.dev, number=1, repeat=10,
                                                min_repeat_ms=self.min_repeat_ms)
                 timer(*args)  # warm-up
                 secs[k] = float(np.median(timer(*args).results))
@@ -247,14 +268,12 @@ class TvmBackend(Backend):
 
         missing, seen = [], set()
         for mod in lowered:
-            for t in ms.relax_integration.extract_tasks(mod, self.target):
-                if not any(op in t.task_name for op in TUNED_OPS):
-                    continue
+            for t in self._tuned_tasks(mod):
                 h = tvm_ffi.structural_hash(t.dispatched[0])
                 if h in seen:
                     continue
                 seen.add(h)
-                if not self._scheduled(t):
+                if self._record_source(t) is None:
                     missing.append(t)
         if self.transfer and transfer and missing:
             from ...progress import bar
@@ -297,32 +316,15 @@ class TvmBackend(Backend):
     def schedule_source(self, sig) -> str:
         """Where the kernel of op ``sig`` comes from: ``tuned``, ``transferred`` (from the
         transfer database) or ``default`` (TVM's own schedule: nothing in either database)."""
-        import tvm.s_tir.meta_schedule as ms
-
-        from ..ops import OpModule
-
-        module = OpModule(sig)
-        mod = self._lower_for_tuning(
-            self._relax_module(module, module.example_inputs(self.device.batch)))
-        tasks = [t for t in ms.relax_integration.extract_tasks(mod, self.target)
-                 if any(op in t.task_name for op in TUNED_OPS)]
-        if not tasks:
+        found = {self._record_source(t) for t in self._tuned_tasks(self._lowered_op(sig))}
+        if not found or None in found:
             return "default"
-        if all(self._database().query_tuning_record(t.dispatched[0], self.target, t.task_name)
-               is not None for t in tasks):
-            return "tuned"
-        return "transferred" if all(self._scheduled(t) for t in tasks) else "default"
+        return "tuned" if found == {"tuned"} else "transferred"
 
     def prepare_ops(self, sigs, *, progress: bool = False) -> None:
         if not self.tuned:
             return
-        from ..ops import OpModule
-
-        mods = []
-        for sig in sigs:
-            module = OpModule(sig)
-            mods.append(self._lower_for_tuning(
-                self._relax_module(module, module.example_inputs(self.device.batch))))
+        mods = [self._lowered_op(sig) for sig in sigs]
         if self.transfer:
             # tune the widest op of each family (the model's own widths, on a table's grid),
             # then give every narrower one a schedule transferred from those
@@ -345,8 +347,7 @@ class TvmBackend(Backend):
         tvm = self._tvm
         extra = [json.dumps(self.device.target, sort_keys=True), tvm.__version__,
                  f"tuned:{self.tuning_dir.resolve()}" if self.tuned else "untuned",
-                 "transfer" if self.transfer else "",
-                 self.device.cross_compiler or ""]
+                 self.device.cross_compiler or "", *(["transfer"] if self.transfer else [])]
         if weights:
             import hashlib
 
