@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from autoprune.errors import UserError  # noqa: E402
 from autoprune.latency.backends import get_backend  # noqa: E402
 from autoprune.latency.devices import LATENCY_TABLES_DIR, get_device  # noqa: E402
 from autoprune.latency.ops import OpSig  # noqa: E402
@@ -42,12 +43,25 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"tvm_transfer.py: error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run(args) -> int:
     device = get_device(args.device)
     if not device.tuning.get("transfer"):
-        ap.error(f"device {device.name!r} does not transfer schedules (tuning.transfer)")
+        raise UserError(f"device {device.name!r} does not transfer schedules; pass one whose "
+                        "`tuning` sets `transfer: true`, e.g. cpu-tvm-transfer")
     root = Path(args.tables) if args.tables else LATENCY_TABLES_DIR
-    table = LatencyTable.load(root / device.name / f"{args.model}.json")
+    path = root / device.name / f"{args.model}.json"
+    if not path.is_file():
+        raise UserError(f"no latency table {str(path)!r}; build it with `autoprune profile "
+                        f"--target-device {device.name} --model {args.model}"
+                        f"{f' --tables {args.tables}' if args.tables else ''}`")
+    table = LatencyTable.load(path)
     exact = get_device("cpu-tvm")  # the same target, every shape tuned for itself
     with tempfile.TemporaryDirectory() as scratch, \
             get_backend(device, tuning_dir=root / device.name / "tuning") as moved, \

@@ -209,3 +209,15 @@ def test_evaluation_times_both_ways_and_they_score_alike(digits_ckpt, tmp_path):
     bad = _bench("evaluation.py", "--weights", digits_ckpt, "--keep", "0.7:0.3")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "--keep '0.7:0.3'" in bad.stderr
+
+
+def test_tvm_transfer_refuses_bad_input_in_one_line(tmp_path):
+    """A device that does not transfer, a missing table and a corrupt one: one line naming the
+    problem and the fix, exit 2, no traceback."""
+    corrupt = tmp_path / "t" / "cpu-tvm-transfer" / "resnet20.json"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_text('{"format": 1}')
+    for args, says in ((("--device", "cpu-tvm"), "does not transfer schedules"),
+                       (("--tables", tmp_path / "none"), "autoprune profile --target-device"),
+                       (("--tables", tmp_path / "t"), "is corrupt")):
+        assert_user_error_bench(_bench("tvm_transfer.py", *args), "tvm_transfer.py", says)
