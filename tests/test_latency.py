@@ -194,6 +194,69 @@ def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypat
     assert _lines(db / "database_tuning_record.json") == tuned_records  # nothing tuned
 
 
+def _resnet_with_projection():
+    """ResNet-20 (8x8 inputs) pruned so that stage 2 is narrower than stage 1's output: its
+    first block has a 1x1 projection shortcut, whose add both runtimes fuse somewhere."""
+    spec = ModelSpec("resnet20", num_classes=10, in_channels=1, input_size=8)
+    model = build_model(spec).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    space = SearchSpace.from_model(model, x, SpaceSpec.for_family(spec.family),
+                                   family=spec.family, round_to=8)
+    return model, x, space
+
+
+def test_a_projection_blocks_add_is_fused_into_its_conv2_as_onnxruntime_does(tmp_path):
+    """The op signatures give the residual add of a block with a projection shortcut to the
+    block's second 3x3 conv, not to the 1x1 projection: onnxruntime's optimised graph puts it
+    there (the conv that takes the sum as a fourth input)."""
+    import onnx
+    import onnxruntime as ort
+
+    from autoprune.latency.backends.onnxruntime import export_module
+
+    model, x, space = _resnet_with_projection()
+    post = {op.name: op.post for op in model_ops(model, x, space)}
+    assert post["layer2.0.conv2"] == post["layer2.1.conv2"] == "bn+add+relu"
+    assert post["layer2.0.downsample.0"] == post["layer3.0.downsample.0"] == "bn"
+    export_module(model, (x,), tmp_path / "m.onnx")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"])
+    convs = {n.name: n for n in onnx.load(tmp_path / "opt.onnx").graph.node
+             if "Conv" in n.op_type and "layer2.0/" in n.name}
+    with_sum = sorted(name for name, n in convs.items() if len([i for i in n.input if i]) > 3)
+    assert len(with_sum) == 1 and "conv2" in with_sum[0], sorted(convs)
+
+
+@pytest.mark.tvm
+def test_every_kernel_of_a_whole_model_is_one_of_its_ops_on_tvm():
+    """Each conv/matmul task TVM makes of a whole pruned ResNet (a projection block
+    included) is, structurally, the task of one of its op signatures: what a tuned device's
+    table measures is what the model runs. With the add given to the projection instead,
+    the projections' fused tasks matched no op (and at 14x14, neither did conv2's), and
+    transfer tuning gave those kernels schedules of their own, which the table never timed."""
+    import tvm_ffi
+
+    from autoprune.policy import Policy
+    from autoprune.prune import apply_policy
+
+    model, x, space = _resnet_with_projection()
+    policy = Policy.from_dict({g.name: g.choices[len(g.choices) // 2] for g in space.groups})
+    with get_backend(get_device("cpu-tvm-untuned")) as backend:
+        op_tasks = {}
+        for op in model_ops(model, x, space):
+            for t in backend._tuned_tasks(backend._lowered_op(op.sig(policy))):
+                op_tasks[tvm_ffi.structural_hash(t.dispatched[0])] = op.name
+        pruned = apply_policy(model, policy, example_input=x)
+        whole = backend._tuned_tasks(backend._lower_for_tuning(
+            backend._relax_module(pruned, (x,))))
+    assert len(whole) >= 10
+    unmatched = [t.task_name for t in whole
+                 if tvm_ffi.structural_hash(t.dispatched[0]) not in op_tasks]
+    assert not unmatched, unmatched
+
+
 def test_a_device_with_bad_tuning_options_is_refused(tmp_path):
     f = tmp_path / "devices.yaml"
     for tuning, says in (("{trials: 8}", "`tuning` takes"),
