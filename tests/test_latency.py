@@ -187,11 +187,36 @@ def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypat
     tuned_records = _lines(db / "database_tuning_record.json")
     model = torch.nn.Sequential(torch.nn.Conv2d(24, 8, 3, padding=1, bias=False),
                                 torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    x = torch.zeros(1, 24, 14, 14)
     with get_backend(get_device("cpu-tvm-transfer"), tuning_dir=db,
                      trials_per_task=8) as backend:
         assert _good(backend.measure_model(model, (1, 24, 14, 14)))
         assert backend.transfers == 1
+        lib = backend.compile(model, (x,))
     assert _lines(db / "database_tuning_record.json") == tuned_records  # nothing tuned
+
+    # the compiled library is keyed by the schedules it was built with: a copy of the
+    # database gives the same library; a schedule changed there, another one
+    import shutil
+
+    import tvm.s_tir.meta_schedule as ms
+    from tvm.s_tir.schedule import Schedule
+
+    shutil.copytree(db, tmp_path / "copy")
+    with get_backend(get_device("cpu-tvm-transfer"), tuning_dir=tmp_path / "copy") as backend:
+        assert backend.compile(model, (x,)) == lib
+        task = backend._tuned_tasks(backend._lower_for_tuning(
+            backend._relax_module(model, (x,))))[0]
+        tuned = backend._database()
+        mod = task.dispatched[0]
+        sch = Schedule(mod)  # another schedule (an unrolled output loop), said quickest
+        sch.unroll(sch.get_loops(sch.get_output_blocks("root")[0])[-1])
+        tuned.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, tuned.commit_workload(mod), [1e-9], backend.target,
+            ms.arg_info.ArgInfo.from_entry_func(mod)))
+        rebuilt = backend.compile(model, (x,))
+        assert rebuilt != lib and rebuilt.is_file() and lib.is_file()
+        assert _good(backend.measure_model(model, (1, 24, 14, 14)))
 
 
 def _resnet_with_projection():

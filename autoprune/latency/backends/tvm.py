@@ -5,12 +5,14 @@ Compiled modules are cached on disk, keyed by (model structure, input shapes, ta
 version, tuned or not). A tuned device (``tuning:`` in devices.yaml) first MetaSchedule-tunes
 every task of the module that its database lacks, with a trial budget per task; the database
 lives in ``latency_tables/<device>/tuning/`` beside the device's tables and is applied to the
-raw module (the ``static_shape_tuning`` pipeline's passes, with 0 further trials). Tasks
-already tuned are never re-tuned, so a cached module stays valid. Only tasks with a conv or
-matmul are tuned: a whole model also yields its pooling ``mean`` and a ``reshape`` per width,
-each worth microseconds and each costing ~2 min of tuning here, so they keep TVM's default
-schedule. The database (28 MB for ResNet-20's tasks, ~9 s to parse) is read once per backend,
-not once per compile.
+raw module (the ``static_shape_tuning`` pipeline's passes, with 0 further trials). On a tuned
+device the key also holds the schedule each task takes from the database: a library is reused
+wherever the database gives the same kernels (a database moved or copied, too), and never once
+one of them has changed. Finding them costs the model's lowering, not its build. Only tasks
+with a conv or matmul are tuned: a whole model also yields its pooling ``mean`` and a
+``reshape`` per width, each worth microseconds and each costing ~2 min of tuning here, so they
+keep TVM's default schedule. The database (28 MB for ResNet-20's tasks, ~9 s to parse) is read
+once per backend, not once per compile.
 
 Transfer tuning (``tuning: {transfer: true}``): tuning a shape costs about a minute here, and a
 pruned model is made of shapes never tuned. A task the database lacks then takes the schedule
@@ -313,6 +315,25 @@ class TvmBackend(Backend):
                                             timeout_sec=BUILDER_TIMEOUT_S),
             runner=ms.runner.LocalRunner(), task_scheduler="round-robin")
 
+    def _schedules_key(self, lowered) -> str:
+        """A hash of the schedule each conv/matmul task of ``lowered`` takes from the databases
+        (its trace, or none: TVM's default)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        keys = []
+        for task in self._tuned_tasks(lowered):
+            mod, rec = task.dispatched[0], None
+            for db in [self._database()] + ([self._transfer_database()] if self.transfer else []):
+                rec = db.query_tuning_record(mod, self.target, task.task_name)
+                if rec is not None:
+                    break
+            trace = "default" if rec is None else "\n".join(map(str, rec.trace.as_python()))
+            keys.append(hashlib.sha256(f"{task.task_name}:{trace}".encode()).hexdigest())
+        for k in sorted(keys):
+            h.update(k.encode())
+        return h.hexdigest()
+
     def schedule_source(self, sig) -> str:
         """Where the kernel of op ``sig`` comes from: ``tuned``, ``transferred`` (from the
         transfer database) or ``default`` (TVM's own schedule: nothing in either database)."""
@@ -345,9 +366,16 @@ class TvmBackend(Backend):
         from tvm import relax
 
         tvm = self._tvm
+        mod = None
         extra = [json.dumps(self.device.target, sort_keys=True), tvm.__version__,
-                 f"tuned:{self.tuning_dir.resolve()}" if self.tuned else "untuned",
-                 self.device.cross_compiler or "", *(["transfer"] if self.transfer else [])]
+                 "tuned" if self.tuned else "untuned", self.device.cross_compiler or ""]
+        if self.tuned:
+            # the schedules the library would be built with are part of its key: a library
+            # built before one of its tasks was tuned again (or with a database since moved or
+            # rebuilt) is not taken for one built with the schedules there now
+            mod = self._lower_for_tuning(self._relax_module(module, inputs))
+            self._tune_missing([mod])
+            extra.append(self._schedules_key(mod))
         if weights:
             import hashlib
 
@@ -358,10 +386,9 @@ class TvmBackend(Backend):
         path = cache_dir() / "tvm" / f"{structure_hash(module, inputs, *extra)}.so"
         if path.is_file():
             return path
-        mod = self._relax_module(module, inputs)
-        if self.tuned:
-            mod = self._lower_for_tuning(mod)
-            self._tune_missing([mod])
+        if not self.tuned:
+            mod = self._relax_module(module, inputs)
+        else:
             # what static_shape_tuning_pipeline(total_trials=0) does after lowering, with the
             # database already in memory instead of re-read from its work_dir
             with self.target, self._applied_database():
