@@ -193,10 +193,17 @@ def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypat
         assert _good(backend.measure_model(model, (1, 24, 14, 14)))
         assert backend.transfers == 1
         lib = backend.compile(model, (x,))
+
+        def no_lowering(*_):
+            raise AssertionError("lowered again, with the databases unchanged")
+
+        monkeypatch.setattr(backend, "_lower_for_tuning", no_lowering)
+        assert backend.compile(model, (x,)) == lib
     assert _lines(db / "database_tuning_record.json") == tuned_records  # nothing tuned
 
     # the compiled library is keyed by the schedules it was built with: a copy of the
-    # database gives the same library; a schedule changed there, another one
+    # database gives the same library (found by lowering the model again, as the databases'
+    # files are others); a schedule changed there, another one
     import shutil
 
     import tvm.s_tir.meta_schedule as ms
