@@ -227,8 +227,8 @@ def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypat
 
 
 def _resnet_with_projection():
-    """ResNet-20 (8x8 inputs) pruned so that stage 2 is narrower than stage 1's output: its
-    first block has a 1x1 projection shortcut, whose add both runtimes fuse somewhere."""
+    """ResNet-20 at 8x8 inputs: the first block of stages 2 and 3 has a 1x1 projection
+    shortcut (the width doubles), whose add both runtimes fuse into one of two convs."""
     spec = ModelSpec("resnet20", num_classes=10, in_channels=1, input_size=8)
     model = build_model(spec).eval()
     x = torch.zeros(1, 1, 8, 8)

@@ -163,16 +163,24 @@ class TvmBackend(Backend):
 
         return ms.database.OrderedUnionDatabase(self._database(), self._transfer_database())
 
+    def _record(self, task) -> tuple[str, object] | None:
+        """``task``'s schedule as a compile applies it (`_applied_database`): ``("tuned",
+        record)`` or ``("transferred", record)``; None: neither database holds one, so TVM's
+        default schedule."""
+        mod = task.dispatched[0]
+        for source, db in (("tuned", self._database()),
+                           *((("transferred", self._transfer_database()),)
+                             if self.transfer else ())):
+            rec = db.query_tuning_record(mod, self.target, task.task_name)
+            if rec is not None:
+                return source, rec
+        return None
+
     def _record_source(self, task) -> str | None:
         """``tuned`` or ``transferred``: the database that holds ``task``'s schedule (None:
         neither, so TVM's default schedule)."""
-        mod = task.dispatched[0]
-        if self._database().query_tuning_record(mod, self.target, task.task_name) is not None:
-            return "tuned"
-        if self.transfer and self._transfer_database().query_tuning_record(
-                mod, self.target, task.task_name) is not None:
-            return "transferred"
-        return None
+        found = self._record(task)
+        return None if found is None else found[0]
 
     def _tuned_tasks(self, mod) -> list:
         """The tasks of a lowered module that a tuned device schedules (conv and matmul)."""
@@ -325,12 +333,9 @@ class TvmBackend(Backend):
         h = hashlib.sha256()
         keys = []
         for task in self._tuned_tasks(lowered):
-            mod, rec = task.dispatched[0], None
-            for db in [self._database()] + ([self._transfer_database()] if self.transfer else []):
-                rec = db.query_tuning_record(mod, self.target, task.task_name)
-                if rec is not None:
-                    break
-            trace = "default" if rec is None else "\n".join(map(str, rec.trace.as_python()))
+            found = self._record(task)
+            trace = "default" if found is None else \
+                "\n".join(map(str, found[1].trace.as_python()))
             keys.append(hashlib.sha256(f"{task.task_name}:{trace}".encode()).hexdigest())
         for k in sorted(keys):
             h.update(k.encode())
@@ -368,7 +373,6 @@ class TvmBackend(Backend):
         from tvm import relax
 
         tvm = self._tvm
-        mod = None
         extra = [json.dumps(self.device.target, sort_keys=True), tvm.__version__,
                  "tuned" if self.tuned else "untuned", self.device.cross_compiler or ""]
         if weights:
@@ -385,17 +389,17 @@ class TvmBackend(Backend):
             # means lowering the model (4 s for ResNet-20 here, 12 s for ResNet-56), so a
             # pointer keyed by the database's files as they are now skips that while they
             # stay unchanged
-            pointer = cache_dir() / "tvm" / "by-database" / \
-                f"{structure_hash(module, inputs, *extra, self._database_state())}"
+            pointer = self._pointer(module, inputs, extra)
             if pointer.is_file() and (known := Path(pointer.read_text())).is_file():
                 return known
             mod = self._lower_for_tuning(self._relax_module(module, inputs))
             self._tune_missing([mod])
-            extra.append(self._schedules_key(mod))
-        path = cache_dir() / "tvm" / f"{structure_hash(module, inputs, *extra)}.so"
+            path = self._library(module, inputs, [*extra, self._schedules_key(mod)])
+        else:
+            path = self._library(module, inputs, extra)
         if path.is_file():
             if self.tuned:
-                self._point(module, inputs, extra[:-1], path)
+                self._point(module, inputs, extra, path)
             return path
         if not self.tuned:
             mod = self._relax_module(module, inputs)
@@ -418,8 +422,18 @@ class TvmBackend(Backend):
 
         atomic_write(path, write)
         if self.tuned:
-            self._point(module, inputs, extra[:-1], path)
+            self._point(module, inputs, extra, path)
         return path
+
+    @staticmethod
+    def _library(module, inputs, extra: list[str]) -> Path:
+        """Where the library of ``module`` built under ``extra`` is cached."""
+        return cache_dir() / "tvm" / f"{structure_hash(module, inputs, *extra)}.so"
+
+    def _pointer(self, module, inputs, extra: list[str]) -> Path:
+        """The file naming ``module``'s library while the databases stay as they are now."""
+        return cache_dir() / "tvm" / "by-database" / \
+            structure_hash(module, inputs, *extra, self._database_state())
 
     def _database_state(self) -> str:
         """Where the databases are and the size and time of each of their files: what changes
@@ -433,13 +447,11 @@ class TvmBackend(Backend):
 
     def _point(self, module, inputs, extra: list[str], path: Path) -> None:
         """Remember that ``module`` builds to ``path`` while the databases stay as they are."""
-        pointer = cache_dir() / "tvm" / "by-database" / \
-            f"{structure_hash(module, inputs, *extra, self._database_state())}"
 
         def write(tmp: str) -> None:
             Path(tmp).write_text(str(path))
 
-        atomic_write(pointer, write)
+        atomic_write(self._pointer(module, inputs, extra), write)
 
     def load(self, lib_path: Path):
         """A Relax VM for a compiled library, on this machine or on the remote device."""
