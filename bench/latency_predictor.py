@@ -93,8 +93,18 @@ def main() -> int:
     ap.add_argument("--tables", help="latency tables folder (default latency_tables/); on a CPU "
                     "the shipped tables were not measured on, name another folder, where this "
                     "CPU's tables are built, so the shipped ones stay as they are")
+    ap.add_argument("--round-to", metavar="N|MODEL=N,...",
+                    help="search-space channel multiple, for every model (N) or per model "
+                    "(mobilenetv2=32), instead of each device's own: a tuned TVM device's "
+                    "table and whole models then meet only those widths")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
+    try:
+        round_to = _round_to(args.round_to, args.models.split(","))
+    except ValueError as e:
+        print(f"latency_predictor.py: error: --round-to {args.round_to!r}: {e}; pass N or "
+              "MODEL=N,... (e.g. mobilenetv2=32)", file=sys.stderr)
+        return 2
     if args.estimators:
         out = []
         for f in args.estimators:
@@ -117,7 +127,7 @@ def main() -> int:
     out_dir = Path(args.out)
     tables = Path(args.tables) if args.tables else None
     result = {"cpu": cpu_model(), "versions": runtime_versions(), "data": args.data,
-              "n": args.n, "models": {}}
+              "n": args.n, **({"round_to": round_to} if round_to else {}), "models": {}}
     for name in args.models.split(","):
         spec = ModelSpec(name, num_classes=data.num_classes, in_channels=data.in_channels,
                          input_size=data.input_size)
@@ -133,7 +143,8 @@ def main() -> int:
             device = get_device(dev_name)
             space = SearchSpace.from_model(model, x, SpaceSpec.for_family(spec.family),
                                            family=spec.family,
-                                           round_to=device.channel_multiple)
+                                           round_to=round_to.get(name,
+                                                                 device.channel_multiple))
             key = model_key(name, tuple(x.shape))
             t0 = time.perf_counter()
             with get_backend(device, **_backend_options(device, tables)) as backend:
@@ -169,6 +180,25 @@ def main() -> int:
                                      > v["macs_proxy"]["kendall_tau"])}
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _round_to(text: str | None, models: list[str]) -> dict[str, int]:
+    """``--round-to``: N for every model, or MODEL=N pairs."""
+    if not text:
+        return {}
+    if "=" not in text:
+        n = int(text)
+        pairs = {m: n for m in models}
+    else:
+        pairs = {}
+        for part in text.split(","):
+            model, sep, n = part.partition("=")
+            if not sep or model not in models:
+                raise ValueError(f"{part!r} names no model of --models")
+            pairs[model] = int(n)
+    if any(n < 1 for n in pairs.values()):
+        raise ValueError("a channel multiple must be a positive integer")
+    return pairs
 
 
 def _backend_options(device, tables: Path | None) -> dict:
