@@ -153,7 +153,7 @@ def test_latency_predictor_compares_estimators_of_a_validation(cli_env, tmp_path
     """``--estimators``: for a validation JSON (here the digits model's, 4 policies in 6
     passes, through the real CLI), each estimator's agreement with itself over disjoint halves
     of the passes, as many passes per half as the file holds; a file that is not one is
-    refused in one line."""
+    refused in one line, as is a `--round-to` that is not a channel multiple per model run."""
     from .conftest import run_cli
 
     ckpt, tables, _ = cli_env
@@ -173,6 +173,9 @@ def test_latency_predictor_compares_estimators_of_a_validation(cli_env, tmp_path
                             "latency_predictor.py", "not a validation JSON")
     assert_user_error_bench(_bench("latency_predictor.py", "--estimators", tmp_path / "no.json"),
                             "latency_predictor.py", "cannot read it")
+    for bad in ("resnet56=16", "mobilenetv2=x", "0"):  # a model not run, not a number, < 1
+        assert_user_error_bench(_bench("latency_predictor.py", "--models", "mobilenetv2",
+                                       "--round-to", bad), "latency_predictor.py", "--round-to")
 
 
 def test_optuna_storage_times_every_storage_on_a_real_postgresql_server(postgres):
