@@ -6,6 +6,8 @@ onnxruntime, untuned TVM and tuned TVM side by side. Prints one JSON document.
     python bench/latency_predictor.py                       # the full benchmark
     python bench/latency_predictor.py --models resnet20 --devices cpu-ort --n 20
     python bench/latency_predictor.py --tables runs/tables  # another CPU: its own tables there
+    # MobileNetV2 on a tuned TVM device, searched and profiled on a 32-channel grid
+    python bench/latency_predictor.py --models mobilenetv2 --devices cpu-tvm-transfer --round-to 32
     python bench/latency_predictor.py --estimators runs/bench-latency/cpu-ort-mobilenetv2.json
 
 Targets (issue 3): on cpu-ort >= 95% of 50 policies within +-10% and Kendall tau >= 0.9,
