@@ -107,7 +107,7 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x):
         out = self.conv(x)
-        return x + out if self.use_residual else out
+        return out + x if self.use_residual else out
 
 
 # (expansion, out channels, repeats, stride) as in Sandler et al., with the CIFAR change of
