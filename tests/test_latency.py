@@ -226,10 +226,10 @@ def test_transfer_tunes_the_widest_op_and_transfers_the_rest(tmp_path, monkeypat
         assert _good(backend.measure_model(model, (1, 24, 14, 14)))
 
 
-def _resnet_with_projection(name: str = "resnet20"):
-    """ResNet-20 at 8x8 inputs: the first block of stages 2 and 3 has a 1x1 projection
-    shortcut (the width doubles), whose add both runtimes fuse into one of two convs. (Or
-    another model of the zoo at 8x8.)"""
+def _zoo_model_at_8x8(name: str = "resnet20"):
+    """A zoo model at 8x8 inputs, with its search space. ResNet-20's first block of stages 2
+    and 3 has a 1x1 projection shortcut (the width doubles), whose add both runtimes fuse
+    into one of two convs."""
     spec = ModelSpec(name, num_classes=10, in_channels=1, input_size=8)
     model = build_model(spec).eval()
     x = torch.zeros(1, 1, 8, 8)
@@ -247,7 +247,7 @@ def test_a_projection_blocks_add_is_fused_into_its_conv2_as_onnxruntime_does(tmp
 
     from autoprune.latency.backends.onnxruntime import export_module
 
-    model, x, space = _resnet_with_projection()
+    model, x, space = _zoo_model_at_8x8()
     post = {op.name: op.post for op in model_ops(model, x, space)}
     assert post["layer2.0.conv2"] == post["layer2.1.conv2"] == "bn+add+relu"
     assert post["layer2.0.downsample.0"] == post["layer3.0.downsample.0"] == "bn"
@@ -270,14 +270,14 @@ def test_every_kernel_of_a_whole_model_is_one_of_its_ops_on_tvm(name):
     table measures is what the model runs. With the add given to the projection instead,
     the projections' fused tasks matched no op (and at 14x14, neither did conv2's), and
     transfer tuning gave those kernels schedules of their own, which the table never timed.
-    MobileNetV2's blocks added the residual first (``x + out``), the op the layer's output
-    first: another computation to TVM, so each residual projection matched no op either."""
+    MobileNetV2's blocks added ``x + out`` where the op modules add the layer's output first:
+    another computation to TVM, so each residual projection matched no op either."""
     import tvm_ffi
 
     from autoprune.policy import Policy
     from autoprune.prune import apply_policy
 
-    model, x, space = _resnet_with_projection(name)
+    model, x, space = _zoo_model_at_8x8(name)
     policy = Policy.from_dict({g.name: g.choices[len(g.choices) // 2] for g in space.groups})
     with get_backend(get_device("cpu-tvm-untuned")) as backend:
         op_tasks = {}

@@ -107,6 +107,8 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x):
         out = self.conv(x)
+        # the output first, as the latency table's op modules add it: TVM compiles x + out to
+        # another kernel than the one the table timed
         return out + x if self.use_residual else out
 
 
