@@ -350,11 +350,15 @@ def test_predictor_exact_on_grid_and_monotone(tiny_table):
     assert sum(costs.values()) == pytest.approx(pred.max_latency())
 
 
-def test_validation_end_to_end(tiny, tiny_table):
+def test_validation_end_to_end(tiny, tiny_table, capsys):
     _, model, _ = tiny
     setup, _ = tiny_table
     with get_backend(setup.device) as backend:
-        result = validate(setup, model, backend, n=5, rounds=3)
+        result = validate(setup, model, backend, n=5, rounds=3, progress=True)
+    # in a log: the models' builds are counted (on a tuned device, minutes), then the passes
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2].startswith("build models (cpu-ort) 5/5 elapsed"), lines
+    assert lines[-1].startswith("validate 15/15 elapsed"), lines
     assert result["n"] == 5 and len(result["rows"]) == 5 and result["rounds"] == 3
     for r in result["rows"]:  # each policy measured once per pass; the quickest is reported
         assert len(r["measured_rounds_ms"]) == 3

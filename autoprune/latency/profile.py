@@ -349,7 +349,7 @@ def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *,
             parts[k].append(sum(m for m, kind in zip(ms, kinds, strict=True) if kind == k))
     x = torch.zeros(space.input_shape)
     timers = prepare_models(backend, [apply_policy(model, p, example_input=x) for p in policies],
-                            space.input_shape)
+                            space.input_shape, progress=progress)
     with bar("calibrate", len(policies) * rounds, enabled=progress) as pbar:
         stats = measure_alternating(timers, rounds=rounds, pbar=pbar)
     y = np.array([quickest_of_passes(st).median_ms for st in stats])
@@ -364,11 +364,18 @@ def calibrate(setup: LatencySetup, model: nn.Module, backend: Backend, *,
     return cal
 
 
-def prepare_models(backend: Backend, models: list[nn.Module],
-                   input_shape) -> list[Callable[[], LatencyStat]]:
+def prepare_models(backend: Backend, models: list[nn.Module], input_shape, *,
+                   progress: bool = False) -> list[Callable[[], LatencyStat]]:
     """One timer per model (`Backend.prepare_model`): each is exported or compiled once, so
-    the passes over them cost only their timing."""
-    return [backend.prepare_model(m, input_shape) for m in models]
+    the passes over them cost only their timing. With ``progress``, a bar counts the models
+    built: on a tuned TVM device each whole model takes a minute or more to compile (34
+    MobileNetV2 calibration models, about 80 s each here), longer than their timing."""
+    timers = []
+    with bar(f"build models ({backend.device.name})", len(models), enabled=progress) as pbar:
+        for m in models:
+            timers.append(backend.prepare_model(m, input_shape))
+            pbar.advance()
+    return timers
 
 
 def measure_alternating(timers: list[Callable[[], LatencyStat]], *, rounds: int = 3,
@@ -463,9 +470,9 @@ def validate(setup: LatencySetup, model: nn.Module, backend: Backend, *, n: int 
     x = torch.zeros(setup.space.input_shape)
     policies = random_policies(setup.space, n, seed=seed)
     pruned = [apply_policy(model, p, example_input=x) for p in policies]
+    timers = prepare_models(backend, pruned, setup.space.input_shape, progress=progress)
     with bar("validate", n * rounds, enabled=progress) as pbar:
-        stats = measure_alternating(prepare_models(backend, pruned, setup.space.input_shape),
-                                    rounds=rounds, pbar=pbar)
+        stats = measure_alternating(timers, rounds=rounds, pbar=pbar)
     rows = []
     for p, m, st in zip(policies, pruned, stats, strict=True):
         medians = [s.median_ms for s in st]
