@@ -371,7 +371,8 @@ def prepare_models(backend: Backend, models: list[nn.Module], input_shape, *,
     built: on a tuned TVM device each whole model takes a minute or more to compile (34
     MobileNetV2 calibration models, about 80 s each here), longer than their timing."""
     timers = []
-    with bar(f"build models ({backend.device.name})", len(models), enabled=progress) as pbar:
+    what = f"build models ({backend.device.name})" if progress else "build models"
+    with bar(what, len(models), enabled=progress) as pbar:
         for m in models:
             timers.append(backend.prepare_model(m, input_shape))
             pbar.advance()
