@@ -369,7 +369,7 @@ def prepare_models(backend: Backend, models: list[nn.Module], input_shape, *,
     """One timer per model (`Backend.prepare_model`): each is exported or compiled once, so
     the passes over them cost only their timing. With ``progress``, a bar counts the models
     built: on a tuned TVM device each whole model takes a minute or more to compile (34
-    MobileNetV2 calibration models, about 80 s each here), longer than their timing."""
+    MobileNetV2 calibration models, 68 to 78 s each here), longer than their timing."""
     timers = []
     what = f"build models ({backend.device.name})" if progress else "build models"
     with bar(what, len(models), enabled=progress) as pbar:
