@@ -1710,9 +1710,7 @@ def test_search_ends_with_a_measured_check(cli_env, tmp_path):
     # a budget 1.2 x under the fresh table's smallest policy: the table ran slower than now)
     space = json.loads(run_cli("space", "--target-device", "cpu-ort", "--weights", ckpt,
                                "--json", check=True).stdout)
-    smallest = tmp_path / "smallest.json"
-    smallest.write_text(json.dumps({"channels": {g["name"]: g["min_channels"]
-                                                 for g in space["groups"]}}))
+    smallest = SearchSpace.from_dict(space).smallest().save(tmp_path / "smallest.json")
     small = json.loads(run_cli("measure", "--target-device", "cpu-ort", "--weights", ckpt,
                                "--tables", tables, "--policy", smallest, "--json",
                                check=True).stdout)["median_ms"]
