@@ -1041,6 +1041,7 @@ def _prune_for_study(study, base: Loaded, policy, data):
 
 def cmd_finetune(args) -> int:
     from .models import read_checkpoint, save_checkpoint
+    from .policy import Policy
     from .train import TrainConfig, evaluate, train_device, train_resumable
 
     device = train_device(args.train_device)
@@ -1052,11 +1053,26 @@ def cmd_finetune(args) -> int:
                          batch_size=args.batch_size, seed=args.seed,
                          kd_alpha=args.kd_alpha if args.distill else 0.0,
                          kd_temperature=args.kd_temperature)
+    if args.screen < 1 or args.screen_epochs < 1:
+        raise UserError("`--screen` and `--screen-epochs` must be positive integers, got "
+                        f"{args.screen} and {args.screen_epochs}")
+    if not 0 <= args.screen_distance < 1:
+        raise UserError(f"`--screen-distance` must be in [0, 1), got {args.screen_distance}")
+    if args.screen > 1 and args.policy:
+        raise UserError("`--screen` chooses among the study's candidates and `--policy` names "
+                        "one: drop one of them")
     base = _study_base(study, args)
     policy = _study_policy(study, args.policy, base) if args.policy else study.best().policy
+    data = screen = None
+    if args.screen > 1:
+        data = _load_data(base)
+        screen = _screen(study, base, data, config, args, device)
+        policy = Policy.from_dict(screen["winner"])
     run_key = {"study": study.root.name, "policy": policy.to_dict(),
                "base_sha256": study.config["weights_sha256"], "config": dict(config.__dict__),
                "distill": bool(args.distill)}
+    if screen is not None:
+        run_key["screen"] = screen["key"]["screen"]
     if out.is_file() and not args.force:
         done = read_checkpoint(out)
         saved_key = (done.get("extra") or {}).get("run_key")
@@ -1068,7 +1084,7 @@ def cmd_finetune(args) -> int:
         differs = _first_difference(saved_key, run_key)
         raise UserError(f"{str(out)!r} already holds a fine-tuned model made with other options"
                         f" ({differs}); pass `--force` to replace it or `--out` to keep both")
-    data = _load_data(base)
+    data = data or _load_data(base)
     pruned = _prune_for_study(study, base, policy, data)
     val_before = evaluate(pruned, data.val)
     state_path = out.with_name(out.name + ".train-state")
@@ -1086,20 +1102,115 @@ def cmd_finetune(args) -> int:
                     extra={"policy": policy.to_dict(), "study": study.root.name,
                            "base_sha256": study.config["weights_sha256"],
                            "finetune": {**config.__dict__, "distill": bool(args.distill)},
-                           "train_device": str(device),
+                           "train_device": str(device), "screen": _screen_summary(screen),
                            "history": history, "run_key": run_key})
     state_path.unlink(missing_ok=True)
     if args.json:
         print(json.dumps({"checkpoint": str(out), "policy": policy.to_dict(),
                           "val_acc_before": val_before, "val_acc": val_after,
-                          "epochs": args.epochs, "distill": bool(args.distill)}, indent=2))
+                          "epochs": args.epochs, "distill": bool(args.distill),
+                          "screen": _screen_summary(screen)}, indent=2))
         return 0
+    if screen is not None:
+        _print_screen(screen, study)
     print(f"fine-tuned {tag} policy of study {study.root.name} for {args.epochs} epoch(s)"
           + (" with distillation from the unpruned model" if args.distill else ""))
     print(f"val accuracy {val_before * 100:.2f}% -> {val_after * 100:.2f}% "
           f"({len(data.val)} images)")
     print(f"checkpoint {out}")
     return 0
+
+
+def _screen(study, base: Loaded, data, config, args, train_dev) -> dict:
+    """`finetune --screen K`: the study's K leading distinct candidates that fit the budget,
+    each fine-tuned for ``--screen-epochs``; returns the screen's record (`screen.run_screen`),
+    whose ``winner`` is fine-tuned in full. See `autoprune.screen`."""
+    import dataclasses
+
+    from .evaluate import VERIFY_SECONDS, budget_measurer, watched_measurer
+    from .latency.devices import availability
+    from .progress import bar
+    from .screen import pick_contenders, run_screen
+    from .train import evaluate, train
+
+    groups = study.config["space"]["groups"]
+    modules = dict(base.model.named_modules())
+    full = {g: getattr(modules[g], "out_channels", None) or modules[g].out_features
+            for g in groups}
+    device = _study_device(study)
+    tolerance = study.measured.get("tolerance")
+    usable, why = availability(device)
+    short = dataclasses.replace(config, epochs=args.screen_epochs)
+    key = {"study": study.root.name, "base_sha256": study.config["weights_sha256"],
+           "screen": {"contenders": args.screen, "epochs": args.screen_epochs,
+                      "distance": args.screen_distance},
+           "config": dict(short.__dict__), "distill": bool(args.distill)}
+    with contextlib.ExitStack() as stack:
+        if tolerance is None or not usable:
+            # the search trusted its predictions (`--verify-top 0`) or cannot reach the device
+            print(f"note: the screen's contenders are not measured on {device.name} ("
+                  + ("the search's measured check was off" if tolerance is None else why)
+                  + "): they fit the budget as predicted")
+
+            def fits(c) -> bool:
+                return True
+        else:
+            backend = stack.enter_context(_backend(device, args))
+            ns = argparse.Namespace(space=None, round_to=study.config["space"]["round_to"])
+            space = _build_space(base, ns, coupled_round_to=device.channel_multiple)
+            budget = study.config["budget"]
+            measure = watched_measurer(
+                budget_measurer(backend, base.model, space, fraction=budget.get("fraction"),
+                                budget_ms=budget.get("ms")), seconds=VERIFY_SECONDS)
+
+            def fits(c) -> bool:
+                return study.measurement(c.policy, measure)["over_budget"] <= 1 + tolerance
+        with _console().status(f"choosing up to {args.screen} contenders (measured on "
+                               f"{device.name})"):
+            contenders = pick_contenders(study.candidates, study.best(), args.screen,
+                                         full=full, distance=args.screen_distance, fits=fits,
+                                         max_tries=4 * args.screen)
+
+    def train_one(policy) -> dict:
+        pruned = _prune_for_study(study, base, policy, data)
+        before = evaluate(pruned, data.val)
+        pruned.to(train_dev)
+        train(pruned, data, short, teacher=base.model if args.distill else None)
+        pruned.eval()
+        after = evaluate(pruned, data.val)
+        pruned.cpu()
+        base.model.cpu()
+        return {"val_acc_before": before, "val_acc": after}
+
+    with bar(f"screen: {len(contenders)} contenders x {args.screen_epochs} epoch(s)",
+             len(contenders), enabled=not args.quiet) as pbar:
+        return run_screen(contenders, train_one,
+                          path=study.root / "finetune" / "screen.json", key=key,
+                          on_done=lambda i, r: pbar.advance())
+
+
+def _screen_summary(screen: dict | None) -> dict | None:
+    """What a fine-tuned checkpoint and `finetune --json` keep of its screen."""
+    if screen is None:
+        return None
+    return {**screen["key"]["screen"], "screened": len(screen["results"]),
+            "winner_rank": screen["winner_rank"],
+            "val_acc": [r["val_acc"] for r in screen["results"]]}
+
+
+def _print_screen(screen: dict, study) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"screen of study {study.root.name}: "
+                  f"{screen['key']['screen']['epochs']} epoch(s) each, val accuracy")
+    for col in ("", "search score", "predicted ms", "MACs", "before", "after"):
+        table.add_column(col, justify="right" if col else "left")
+    for i, r in enumerate(screen["results"]):
+        table.add_row(("* " if i == screen["winner_rank"] else "  ") +
+                      ("best" if i == 0 else f"#{i + 1}"), f"{r['search_val_acc']:.2%}",
+                      f"{r['predicted_ms']:.4f}", f"{r['macs'] / 1e6:.2f} M",
+                      f"{r['val_acc_before']:.2%}", f"{r['val_acc']:.2%}")
+    _console().print(table)
 
 
 def _first_difference(saved, now) -> str:
@@ -1518,7 +1629,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy", help="fine-tune this policy JSON (e.g. a Pareto point) instead "
                    "of the study's best")
+    p.add_argument("--screen", type=int, default=1, metavar="K",
+                   help="fine-tune the study's K leading distinct candidates that fit the "
+                   "budget (measured on the device) for --screen-epochs each, then the one "
+                   "with the best val accuracy for --epochs (default 1: the study's best)")
+    p.add_argument("--screen-epochs", type=int, default=1)
+    p.add_argument("--screen-distance", type=float, default=0.1,
+                   help="contenders differ by at least this mean fraction of each group's "
+                   "channels")
     p.add_argument("--weights", help="the study's base checkpoint, if it has moved")
+    p.add_argument("--tables", help="folder of latency tables (TVM tuning databases), for "
+                   "--screen's measurements")
     p.add_argument("--out", help="checkpoint to write (default runs/<study>/finetune/<policy>.pt)")
     p.add_argument("--force", action="store_true", help="train again even if already done")
     _add_train_device_arg(p)

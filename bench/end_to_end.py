@@ -13,6 +13,12 @@ For every model x budget x seed:
     is within the same budget (the least pruning that fits, scanning ratios up to 0.9), then the
     same fine-tune (epochs, lr, distillation).
 
+``--screen K``: ``amc`` and ``evolution`` are fine-tuned with `autoprune finetune --screen K`
+(each of the study's K leading distinct candidates that measure within the budget fine-tuned
+for ``--screen-epochs``, then the best of them by val accuracy for ``--epochs``); their rows
+are named ``evolution+screenK``, their checkpoint and export ``screenK.pt`` and
+``export-screenK`` in the study, beside an unscreened run's.
+
 Every method reports test accuracy (before and after fine-tune), measured latency of unpruned
 and pruned (alternating rounds in one process) and the speedup; the searched ones also their
 predicted speedup. Targets (issue 5): searched >= uniform + 0.3 points and >= tp-global at
@@ -74,17 +80,29 @@ def run_searched(method, weights, budget, seed, a) -> dict:
     t0 = time.perf_counter()
     # --weights also for these: a runs folder copied from elsewhere still finds its base
     # the seed fine-tunes too (as tp-global's), so a row per seed samples both
+    # --screen: the searched winners' fine-tune picks among the top contenders first (uniform
+    # has one policy); the screened checkpoint has its own name, so both can be compared
+    screened = a.screen > 1 and method != "uniform"
+    ckpt = Path(a.runs) / study / "finetune" / (f"screen{a.screen}.pt" if screened else "best.pt")
     f = cli("finetune", "--study", study, "--runs", a.runs, "--weights", weights, "--epochs",
-            a.epochs, "--distill", "--lr", a.lr, "--seed", seed, "--quiet", "--json")
+            a.epochs, "--distill", "--lr", a.lr, "--seed", seed, "--quiet", "--json",
+            "--out", ckpt, *(["--screen", a.screen, "--screen-epochs", a.screen_epochs,
+                              "--tables", a.tables or ROOT / "latency_tables"]
+                             if screened else []))
     if f.returncode != 0:
         return {"method": method, "study": study, "error": f.stderr.strip()}
     finetune_s = time.perf_counter() - t0
+    if f.stdout.startswith("already fine-tuned"):
+        screen = torch_extra(ckpt).get("screen")
+    else:
+        screen = json.loads(f.stdout).get("screen")
     e = cli("export", "--study", study, "--runs", a.runs, "--weights", weights, "--format",
-            "onnx", "--json", "--rounds", a.rounds)
+            "onnx", "--json", "--rounds", a.rounds, "--checkpoint", ckpt, "--out",
+            Path(a.runs) / study / ("export-" + ckpt.stem if screened else "export"))
     if e.returncode != 0:
         return {"method": method, "study": study, "error": e.stderr.strip()}
     r = json.loads(e.stdout)
-    return {"method": method, "study": study,
+    return {"method": f"{method}+screen{a.screen}" if screened else method, "study": study,
             # the searched budget in predicted ms = the table's x this (None: table trusted)
             "budget_check_scale": r["speedup"].get("check_scale"),
             "test_acc_before_finetune": r["pruned"]["test_acc_before_finetune"],
@@ -99,7 +117,15 @@ def run_searched(method, weights, budget, seed, a) -> dict:
             "speedup_error_pct_checked": r["speedup"].get("error_pct_checked"),
             "measured_fraction": r["budget"]["measured_fraction"],
             "macs": r["pruned"]["macs"], "params": r["pruned"]["params"],
-            "policy": r["policy"], "search_s": search_s, "finetune_s": finetune_s}
+            "policy": r["policy"], "search_s": search_s, "finetune_s": finetune_s,
+            "screen": screen}
+
+
+def torch_extra(ckpt: Path) -> dict:
+    """The ``extra`` of an autoprune checkpoint (what its fine-tune recorded)."""
+    import torch
+
+    return torch.load(ckpt, map_location="cpu", weights_only=True).get("extra") or {}
 
 
 def run_tp_global(weights, budget, seed, a) -> dict:
@@ -178,7 +204,7 @@ def run_tp_global(weights, budget, seed, a) -> dict:
             "search_s": search_s, "finetune_s": finetune_s}
 
 
-ORDER = {"evolution": 0, "amc": 1, "uniform": 2, "tp-global": 3}
+ORDER = {"evolution": 0, "amc": 1, "uniform": 2, "tp-global": 3}  # a screened one beside its own
 
 
 def _rows(results):
@@ -187,7 +213,8 @@ def _rows(results):
     for r in results:
         groups.setdefault(f"{r['model']}@{r['budget']:g}", []).append(r)
     for key, rs in groups.items():
-        yield key, sorted(rs, key=lambda r: (ORDER.get(r.get("method"), 9), r.get("seed", 0)))
+        yield key, sorted(rs, key=lambda r: (ORDER.get(r.get("method", "").split("+")[0], 9),
+                                             r.get("method", ""), r.get("seed", 0)))
 
 
 def _checked(r) -> tuple[float, float] | None:
@@ -266,6 +293,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds")
     p.add_argument("--scan-steps", type=int, default=36,
                    help="tp-global: pruning ratios tried, evenly up to 0.9")
+    p.add_argument("--screen", type=int, default=1, metavar="K",
+                   help="amc, evolution: `finetune --screen K` (short fine-tunes of the top K "
+                   "distinct candidates that fit, then the best in full); 1: the study's best")
+    p.add_argument("--screen-epochs", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-e2e"))
     p.add_argument("--plot", help="where the plot goes (default: end_to_end.png in --runs)")
@@ -319,8 +350,8 @@ def main() -> int:
     for key, by in summary.items():
         mean = {m: statistics.mean(x["test_acc"] for x in rs) for m, rs in by.items()}
         c = {"mean_test_acc": mean}
-        for m in ("amc", "evolution"):
-            if m in mean and "uniform" in mean:
+        for m in (m for m in mean if m.split("+")[0] in ("amc", "evolution")):
+            if "uniform" in mean:
                 c[f"{m}_beats_uniform_by_0.3pt"] = mean[m] >= mean["uniform"] + 0.003
             if m in mean and "tp-global" in mean:
                 c[f"{m}_beats_tp_global"] = mean[m] >= mean["tp-global"]

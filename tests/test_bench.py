@@ -141,6 +141,33 @@ def test_end_to_end_reports_json_table_and_plot(cli_env, tmp_path):
                                    tmp_path / "runs"), "measured_check.py", "no study")
 
 
+@pytest.mark.slow
+def test_end_to_end_screened_rows_have_their_own_name_checkpoint_and_export(cli_env, tmp_path):
+    """--screen K: the searched rows fine-tune the screen's winner (`finetune --screen`), named
+    method+screenK, into their own checkpoint and export beside an unscreened run's."""
+    ckpt, tables, budget = cli_env
+    proc = _bench("end_to_end.py", "--models", "resnet20", "--weights", f"resnet20={ckpt}",
+                  "--budgets", budget, "--methods", "evolution", "--trials", "8", "--epochs",
+                  "1", "--screen", "2", "--tables", tables, "--rounds", "2", "--threads", "1",
+                  "--runs", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    (r,) = json.loads(proc.stdout)["results"]
+    assert r["method"] == "evolution+screen2", r
+    study = tmp_path / "runs" / r["study"]
+    screen = json.loads((study / "finetune" / "screen.json").read_text())
+    assert r["screen"]["contenders"] == 2 and r["screen"]["epochs"] == 1
+    assert r["screen"]["val_acc"] == [x["val_acc"] for x in screen["results"]]
+    assert r["policy"] == screen["winner"]
+    from autoprune.models import read_checkpoint
+
+    assert read_checkpoint(study / "finetune" / "screen2.pt")["extra"]["policy"] == r["policy"]
+    report = json.loads((study / "export-screen2" / "report.json").read_text())
+    assert report["pruned"]["test_acc_after_finetune"] == r["test_acc"]
+    assert not (study / "finetune" / "best.pt").exists()
+    assert any(line.startswith("| evolution+screen2 | 0 |") for line in
+               _table(proc.stderr).splitlines())
+
+
 def assert_user_error_bench(proc, script, needle):
     """As `assert_user_error`, for a bench script's own prefix."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr)

@@ -70,6 +70,73 @@ def test_finetune_a_pareto_point(chain, tmp_path):
     assert ckpt["extra"]["policy"] == front[0]["policy"]
 
 
+def test_finetune_screen_picks_the_contender_that_trains_best(chain, tmp_path):
+    """--screen K: the study's K leading distinct candidates that measure within the budget,
+    each fine-tuned briefly; the best by val accuracy is fine-tuned in full. A screen resumes
+    from its saved results (here one is doctored, and wins)."""
+    from autoprune.policy import Policy
+    from autoprune.screen import policy_distance
+
+    runs, study = chain["runs"], chain["runs"] / "s"
+    out = tmp_path / "screened.pt"
+    cmd = ["finetune", "--study", "s", "--runs", runs, "--epochs", "2", "--lr", "0.05",
+           "--distill", "--screen", "3", "--screen-epochs", "2", "--screen-distance", "0.02",
+           "--out", out, "--quiet", "--json"]
+    ft = json.loads(run_cli(*cmd, check=True).stdout)
+    record = json.loads((study / "finetune" / "screen.json").read_text())
+    results = record["results"]
+    best = json.loads((study / "best_policy.json").read_text())
+    assert results[0]["policy"] == best["channels"]  # the measured check's winner comes first
+    assert len(results) >= 2
+    scores = [r["search_val_acc"] for r in results]
+    assert scores[1:] == sorted(scores[1:], reverse=True)  # then in the search's order
+    measured = json.loads((study / "measured.json").read_text())
+    widths = _full_widths(chain["ckpt"])
+    full = {g: widths[g] for g in best["channels"]}
+    for i, r in enumerate(results):
+        rec = measured["policies"][json.dumps(r["policy"], sort_keys=True)]
+        assert rec["over_budget"] <= 1 + measured["tolerance"]
+        assert r["val_acc"] > r["val_acc_before"]  # two epochs train every contender
+        for other in results[:i]:
+            assert policy_distance(Policy.from_dict(r["policy"]), Policy.from_dict(
+                other["policy"]), full) >= 0.02
+    winner = max(range(len(results)), key=lambda i: results[i]["val_acc"])
+    assert record["winner_rank"] == winner and record["winner"] == results[winner]["policy"]
+    assert ft["policy"] == record["winner"]
+    assert ft["screen"]["screened"] == len(results) and ft["screen"]["winner_rank"] == winner
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["extra"]["policy"] == record["winner"]
+    assert ckpt["extra"]["screen"]["val_acc"] == [r["val_acc"] for r in results]
+    # the same command again: the screen's results are reused, the fine-tune is done
+    assert "already fine-tuned" in run_cli(*cmd[:-1], check=True).stdout
+    # a saved result is reused as saved: doctor a loser's, and it wins without training again
+    loser = next(i for i in range(len(results)) if i != winner)
+    record["results"][loser]["val_acc"] = 1.0
+    (study / "finetune" / "screen.json").write_text(json.dumps(record))
+    again = json.loads(run_cli(*cmd, "--force", check=True).stdout)
+    assert again["policy"] == results[loser]["policy"]
+    assert again["screen"]["winner_rank"] == loser
+    # bad input: one line, exit 2, the screened checkpoint untouched
+    before = out.read_bytes()
+    assert_user_error(run_cli(*cmd[:-4], "--policy", study / "best_policy.json"),
+                      "`--screen`", "`--policy`")
+    assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "1",
+                              "--screen", "0", "--out", out), "`--screen`")
+    assert_user_error(run_cli("finetune", "--study", "s", "--runs", runs, "--epochs", "1",
+                              "--screen", "2", "--screen-distance", "1.5", "--out", out),
+                      "`--screen-distance`")
+    assert out.read_bytes() == before
+
+
+def _full_widths(ckpt_path):
+    """Each prunable conv's output channels in the unpruned model of a checkpoint."""
+    from autoprune.models import ModelSpec, build_model, read_checkpoint
+
+    model = build_model(ModelSpec.from_dict(read_checkpoint(ckpt_path)["model"]))
+    return {n: m.out_channels for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d)}
+
+
 def _rebuilt(path):
     """The exported torch checkpoint rebuilt from its spec + policy (no pickled modules)."""
     from autoprune.models import ModelSpec, build_model, load_state, read_checkpoint
