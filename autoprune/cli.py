@@ -1018,10 +1018,14 @@ def _study_policy(study, path: str, base: Loaded):
                         f"{study.root.name!r}'s model ({study.config['model']['name']}) does "
                         "not have; pass a policy of this study (best_policy.json, pareto.json "
                         "points)")
+    return Policy.from_dict({**_group_widths(study, base), **policy.to_dict()})
+
+
+def _group_widths(study, base: Loaded) -> dict[str, int]:
+    """Each of the study's groups' channels in the unpruned model."""
     modules = dict(base.model.named_modules())
-    full = {g: getattr(modules[g], "out_channels", None) or modules[g].out_features
-            for g in groups}
-    return Policy.from_dict({**full, **policy.to_dict()})
+    return {g: getattr(modules[g], "out_channels", None) or modules[g].out_features
+            for g in study.config["space"]["groups"]}
 
 
 def _prune_for_study(study, base: Loaded, policy, data):
@@ -1133,10 +1137,7 @@ def _screen(study, base: Loaded, data, config, args, train_dev) -> dict:
     from .screen import pick_contenders, run_screen
     from .train import evaluate, train
 
-    groups = study.config["space"]["groups"]
-    modules = dict(base.model.named_modules())
-    full = {g: getattr(modules[g], "out_channels", None) or modules[g].out_features
-            for g in groups}
+    full = _group_widths(study, base)
     device = _study_device(study)
     tolerance = study.measured.get("tolerance")
     usable, why = availability(device)
